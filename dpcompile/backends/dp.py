@@ -1,0 +1,158 @@
+"""The `dp` torch.compile backend.
+
+    torch.compile(model, backend="dp", options={"max_grad_norm": 1.0, "noise_multiplier": 1.0,
+                                                "sample_rate": q})
+
+Dynamo hands us a graph with parameters lifted as inputs. We run Inductor's
+``compile_fx`` with our own inner compiler and a decomposition table that keeps the
+backward ops the passes recognise (``embedding_dense_backward``, norm backwards,
+``convolution_backward``). The forward graph is analysed (batch_dim); the backward
+graph is rewritten by the DP pipeline, then decomposed and compiled by Inductor.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..errors import DPCompileError
+from ..options import DPOptions
+from ..passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
+from ..passes.base import CompileContext, to_expr
+from ..state import STATE_ATTR, PrivacyState
+from ..runtime import PrivateBackward
+
+aten = torch.ops.aten
+KEPT_BACKWARD_OPS = (aten.embedding_dense_backward, aten.native_layer_norm_backward,
+                     aten.native_group_norm_backward, aten.convolution_backward)
+_graph_ids = itertools.count()
+_states_by_options: dict[int, PrivacyState] = {}
+
+
+def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+               mode: str | None = None, **unused: Any):
+    state = _state_for(options, example_inputs)
+    ctx = CompileContext(options=state.options, graph_id=next(_graph_ids),
+                         param_names={}, input_kinds=[])
+    _classify_inputs(gm, example_inputs, ctx)
+    state.compiled.append(ctx)
+    inner = functools.partial(_inner_compile, ctx=ctx, state=state)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=inner, decompositions=aot_decompositions())
+
+
+@functools.lru_cache(None)
+def aot_decompositions() -> dict:
+    """Inductor's decompositions, minus the backward ops the DP passes pattern-match."""
+    return {op: fn for op, fn in select_decomp_table().items()
+            if getattr(op, "overloadpacket", None) not in KEPT_BACKWARD_OPS}
+
+
+# ----------------------------------------------------------------------------- state
+
+def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacyState:
+    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    key = id(options) if options is not None else None
+    state = _states_by_options.get(key) if key is not None else None
+    if state is None:
+        state = next((getattr(p, STATE_ATTR) for p in params if hasattr(p, STATE_ATTR)), None)
+    if state is None:
+        state = PrivacyState(DPOptions.from_dict(options))
+        state.options_dict = options  # keeps id(options) unique while the state lives
+        if key is not None:
+            _states_by_options[key] = state
+    for p in params:
+        setattr(p, STATE_ATTR, state)
+    return state
+
+
+def _classify_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileContext) -> None:
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    batch = None
+    for node, value in zip(placeholders, example_inputs):
+        source = _source_name(node)
+        if isinstance(value, torch.nn.Parameter) or "_parameters[" in source:
+            kind = "param"
+        elif "_buffers[" in source:
+            kind = "buffer"
+        elif not isinstance(value, torch.Tensor):
+            kind = "symint"
+        else:
+            size0 = _fake_size0(node, value)
+            if batch is None and size0 is not None:
+                batch = size0
+            kind = "batched" if size0 is not None and size0[0] == batch[0] else "free"
+        if kind in ("param", "buffer"):
+            ctx.param_names[len(ctx.input_kinds)] = _param_name(source, node.name)
+        ctx.input_kinds.append(kind)
+    if batch is None:
+        raise DPCompileError("dpcompile: the compiled model takes no batched tensor input; the first tensor "
+                             "argument must hold the samples along dimension 0")
+    ctx.batch_size, ctx.batch_hint = batch
+
+
+def _fake_size0(node: fx.Node, value: torch.Tensor):
+    if value.dim() == 0:
+        return None
+    fake = node.meta.get("example_value")
+    size = fake.shape[0] if isinstance(fake, torch.Tensor) else value.shape[0]
+    return to_expr(size), int(value.shape[0])
+
+
+def _source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    return grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
+
+
+def _param_name(source: str, fallback: str) -> str:
+    """L['self']._modules['fc']._parameters['weight'] -> fc.weight."""
+    path = re.sub(r"^L\['[^']*'\]", "", source)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".") or fallback
+
+
+# ----------------------------------------------------------------------------- compile
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: CompileContext,
+                   state: PrivacyState, **kwargs: Any):
+    if kwargs.get("is_inference"):
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+    if not kwargs.get("is_backward"):
+        run_pipeline(FORWARD_PIPELINE, gm, ctx)
+        ctx.tangent_layouts = _tangent_layouts(gm)
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+    run_pipeline(BACKWARD_PIPELINE, gm, ctx)
+    decomposed, inputs = _decompose(gm, example_inputs, ctx)
+    ctx.final_graph = decomposed
+    compiled = compile_fx_inner(decomposed, inputs, **kwargs)
+    return PrivateBackward(compiled, state, ctx)
+
+
+def _tangent_layouts(fw_gm: fx.GraphModule) -> list[Any]:
+    meta = torch._guards.TracingContext.get().fw_metadata
+    outputs = list(fw_gm.graph.output_node().args[0])
+    start = meta.num_mutated_inp_runtime_indices
+    user = outputs[start:start + len(meta.output_info)]
+    return [node.meta.get("dp_layout") for node, info in zip(user, meta.output_info) if info.requires_grad]
+
+
+def _decompose(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileContext):
+    """Trace the rewritten graph into Inductor-ready aten ops (our helper calls included)."""
+    fake_mode = detect_fake_mode(example_inputs)
+    device = next(x.device for x in example_inputs if isinstance(x, torch.Tensor))
+    with fake_mode:
+        extra = [torch.empty(ctx.plan["noise_numel"], device=device), torch.empty(2, device=device)]
+    inputs = list(example_inputs) + extra
+    interpreter = fx.Interpreter(gm)
+    with fake_mode:
+        decomposed = make_fx(interpreter.run, decomposition_table=select_decomp_table())(*inputs)
+    return decomposed, inputs

@@ -1,0 +1,59 @@
+"""Symbolic cost model for per-sample norms: FLOPs and memory of each strategy.
+
+Costs are sympy expressions in the batch size ``B`` so the inspection tools can show
+them symbolically; decisions substitute the current batch size. For a linear site
+with T rows per sample, n×m weight gradient (Bu et al., fastDP §3):
+
+- ghost:       FLOPs 2·B·T²·(n+m) + B·T²,  memory 2·B·T² (two Gram matrices)
+- instantiate: FLOPs 2·B·T·n·m,            memory B·n·m (per-sample gradients);
+  the clipped sum is then Σ_b C_b G_b (B·n·m FLOPs) instead of a second GEMM.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import sympy
+
+B = sympy.Symbol("B", positive=True, integer=True)
+BYTES = 4  # norms and instantiated per-sample gradients are kept in float32
+
+
+@dataclasses.dataclass
+class Cost:
+    flops: sympy.Expr
+    memory: sympy.Expr  # elements
+
+    def at(self, batch: int) -> tuple[float, float]:
+        return float(self.flops.subs(B, batch)), float(self.memory.subs(B, batch)) * BYTES
+
+
+def linear(rows: int, n: int, m: int) -> dict[str, Cost]:
+    T = sympy.Integer(rows)
+    return {
+        "ghost": Cost(2 * B * T**2 * (n + m) + B * T**2, 2 * B * T**2),
+        "instantiate": Cost(2 * B * T * n * m + B * n * m, B * n * m),
+    }
+
+
+def embedding(rows: int, dim: int, vocab: int) -> dict[str, Cost]:
+    T = sympy.Integer(rows)
+    return {
+        "ghost": Cost(2 * B * T**2 * dim + B * T**2, B * T**2),
+        "instantiate": Cost(B * T * dim + B * vocab * dim, B * vocab * dim),
+    }
+
+
+def generic(per_sample_numel: int, rows: int) -> dict[str, Cost]:
+    """Sites with no ghost form: the per-sample gradient is materialized."""
+    return {"instantiate": Cost(2 * B * rows * per_sample_numel + B * per_sample_numel, B * per_sample_numel)}
+
+
+def choose(costs: dict[str, Cost], batch: int, strategy: str, budget_bytes: float) -> str:
+    """Cheapest strategy in FLOPs whose memory fits the budget (ghost if nothing fits)."""
+    if strategy != "auto" and strategy in costs:
+        return strategy
+    if len(costs) == 1:
+        return next(iter(costs))
+    fits = {k: c for k, c in costs.items() if c.at(batch)[1] <= budget_bytes}
+    pool = fits or {"ghost": costs["ghost"]}
+    return min(pool, key=lambda k: pool[k].at(batch)[0])

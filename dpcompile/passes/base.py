@@ -1,0 +1,78 @@
+"""What every pass shares: the compile context it reads and the record it returns."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..options import DPOptions
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass did to one graph: for inspection tools and tests."""
+
+    name: str
+    graph: str  # "forward" or "backward"
+    nodes_before: int = 0
+    nodes_after: int = 0
+    added: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    table: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    code_after: str = ""
+
+
+@dataclasses.dataclass
+class CompileContext:
+    """State shared by the passes of one compiled region (one forward + its backward)."""
+
+    options: DPOptions
+    graph_id: int
+    param_names: dict[int, str]  # forward input index -> parameter name
+    input_kinds: list[str]  # per forward input: "param", "buffer", "batched", "free", "symint"
+    batch_size: sympy.Expr | None = None  # B, an Integer (static) or symbol expression (dynamic)
+    batch_hint: int | None = None  # B of the example inputs (for cost decisions when B is symbolic)
+    forward_layouts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tangent_layouts: list[Any] = dataclasses.field(default_factory=list)
+    plan: dict[str, Any] = dataclasses.field(default_factory=dict)  # filled by the backward passes
+    records: list[PassRecord] = dataclasses.field(default_factory=list)
+    runtime_inputs: list[str] = dataclasses.field(default_factory=list)  # extra backward placeholders
+    extra_outputs: list[str] = dataclasses.field(default_factory=list)  # extra backward outputs
+
+
+Pass = Callable[[fx.GraphModule, CompileContext], PassRecord]
+
+
+def to_expr(size: Any) -> sympy.Expr:
+    """A size (int or SymInt) as a sympy expression."""
+    if isinstance(size, torch.SymInt):
+        return sympy.sympify(size.node.expr)
+    return sympy.Integer(int(size))
+
+
+def node_shape(node: Any) -> list[sympy.Expr] | None:
+    """The shape of a tensor-valued node as sympy expressions, or None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return [to_expr(s) for s in val.shape]
+    return None
+
+
+def run_recorded(name: str, which: str, gm: fx.GraphModule, body: Callable[[], None]) -> PassRecord:
+    """Run `body` (which edits gm in place) and record the nodes it added/removed."""
+    before = {n.name for n in gm.graph.nodes}
+    record = PassRecord(name=name, graph=which, nodes_before=len(before))
+    body_record = body()
+    after = {n.name for n in gm.graph.nodes}
+    record.nodes_after = len(after)
+    record.added = sorted(after - before)
+    record.removed = sorted(before - after)
+    if isinstance(body_record, dict):
+        record.notes.extend(body_record.get("notes", []))
+        record.table.extend(body_record.get("table", []))
+    record.code_after = gm.code if hasattr(gm, "code") else ""
+    return record

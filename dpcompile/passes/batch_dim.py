@@ -1,0 +1,626 @@
+"""batch_dim: find, for every tensor of the graph, which dimension holds the samples.
+
+Each node gets a *layout* in ``node.meta["dp_layout"]``:
+
+- ``Batched(dim, outer, inner)``: dimension ``dim`` has size ``outer * B * inner`` and
+  index ``(o * B + b) * inner + r`` belongs to sample ``b``. Plain batch dims have
+  outer = inner = 1; ``view(x, [B*T, d])`` gives inner = T, a time-major flatten
+  ``[T*B, d]`` gives outer = T.
+- ``FREE``: does not depend on any sample (parameters, constants, random masks).
+- ``AGG``: combines all samples (a loss, a parameter gradient).
+
+Multi-output ops get a tuple of layouts. The rules are structural (positions, not
+sizes), so they hold for static and for symbolic batch sizes. Any op that would
+let one sample's data reach another sample's values (BatchNorm statistics, a
+softmax or reduction across the batch feeding per-sample values) is refused with
+an error naming the module and source line; so is any op without a rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+from ..errors import DPCompileError, describe_node
+from .base import CompileContext, node_shape, run_recorded
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class Batched:
+    dim: int
+    outer: int = 1
+    inner: int = 1
+
+    def at(self, dim: int) -> "Batched":
+        return Batched(dim, self.outer, self.inner)
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+FREE = _Marker("FREE")
+AGG = _Marker("AGG")
+
+
+class SampleMixingError(DPCompileError):
+    pass
+
+
+def run(gm: fx.GraphModule, ctx: CompileContext, which: str = "backward"):
+    """Annotate every node with its layout; raise on ops that mix samples."""
+
+    def body():
+        propagate(gm.graph, ctx, which)
+
+    return run_recorded("batch_dim", which, gm, body)
+
+
+def propagate(graph: fx.Graph, ctx: CompileContext, which: str) -> None:
+    graph.owning_module.meta["dp_batch_size"] = ctx.batch_size
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    start = _placeholder_layouts(placeholders, ctx, which)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            node.meta["dp_layout"] = start[node.name]
+        elif node.op == "call_function":
+            node.meta["dp_layout"] = _infer(node, ctx)
+        elif node.op == "output":
+            continue
+        else:
+            raise DPCompileError(f"dpcompile: unexpected {node.op} node {node.name} in an aot graph")
+    if which == "forward":
+        ctx.forward_layouts = {n.name: n.meta["dp_layout"] for n in graph.nodes if "dp_layout" in n.meta}
+
+
+def _placeholder_layouts(placeholders: list[fx.Node], ctx: CompileContext, which: str) -> dict[str, Any]:
+    if which == "forward":
+        if len(placeholders) != len(ctx.input_kinds):
+            raise DPCompileError(
+                f"dpcompile: forward graph has {len(placeholders)} inputs but dynamo gave "
+                f"{len(ctx.input_kinds)}; this model's input structure is not supported yet"
+            )
+        return {p.name: (Batched(0) if kind == "batched" else FREE)
+                for p, kind in zip(placeholders, ctx.input_kinds)}
+    layouts = {}
+    tangents = [p for p in placeholders if p.name.startswith("tangents")]
+    if len(tangents) != len(ctx.tangent_layouts):
+        raise DPCompileError(
+            f"dpcompile: backward graph has {len(tangents)} tangents for "
+            f"{len(ctx.tangent_layouts)} differentiable outputs; models that mutate their "
+            "inputs in place are not supported"
+        )
+    for p, layout in zip(tangents, ctx.tangent_layouts):
+        layouts[p.name] = layout
+    for p in placeholders:
+        if p.name in layouts:
+            continue
+        if p.name not in ctx.forward_layouts:
+            raise DPCompileError(f"dpcompile: backward input {p.name} is not a saved forward value")
+        layouts[p.name] = ctx.forward_layouts[p.name]
+    return layouts
+
+
+# --------------------------------------------------------------------------- helpers
+
+def layout_of(arg: Any) -> Any:
+    if isinstance(arg, fx.Node):
+        return arg.meta.get("dp_layout", FREE)
+    if isinstance(arg, (list, tuple)):
+        return [layout_of(a) for a in arg]
+    return FREE
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    out = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        items = a if isinstance(a, (list, tuple)) else [a]
+        out.extend(x for x in items if isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor))
+    return out
+
+
+def _batched_args(node: fx.Node) -> list[tuple[fx.Node, Batched]]:
+    return [(a, a.meta["dp_layout"]) for a in _tensor_args(node) if isinstance(a.meta.get("dp_layout"), Batched)]
+
+
+def _kwargs(node: fx.Node) -> dict[str, Any]:
+    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if normalized is None:
+        raise DPCompileError(f"dpcompile: cannot read the arguments of {describe_node(node)}")
+    return normalized.kwargs
+
+
+def _ndim(node: fx.Node) -> int:
+    return node.meta["val"].dim()
+
+
+def _mix(node: fx.Node, why: str, fix: str = "") -> SampleMixingError:
+    msg = f"dpcompile: {describe_node(node)} {why}; per-sample gradients would be wrong, so it is refused."
+    if fix:
+        msg += f" Fix: {fix}"
+    return SampleMixingError(msg)
+
+
+def _free_or_agg(node: fx.Node) -> Any:
+    return AGG if any(layout_of(a) is AGG for a in _tensor_args(node)) else FREE
+
+
+def _same_layout(node: fx.Node, aligned: list[Batched]) -> Batched:
+    if len(set(aligned)) > 1:
+        raise _mix(node, f"combines tensors that hold samples along different dimensions ({sorted(set(aligned), key=str)})")
+    return aligned[0]
+
+
+# --------------------------------------------------------------------------- rules
+
+def _pointwise(node: fx.Node) -> Any:
+    out_nd = _ndim(node)
+    out_shape = node_shape(node)
+    aligned = []
+    for arg, lay in _batched_args(node):
+        dim = lay.dim + out_nd - _ndim(arg)
+        if node_shape(arg)[lay.dim] != out_shape[dim]:
+            raise _mix(node, "broadcasts a per-sample dimension")
+        aligned.append(lay.at(dim))
+    if not aligned:
+        return _free_or_agg(node)
+    if any(layout_of(a) is AGG for a in _tensor_args(node)):
+        raise _mix(node, "combines a value aggregated over the batch (e.g. batch statistics or a loss) with per-sample values",
+                   "compute batch statistics per sample (GroupNorm/LayerNorm instead of BatchNorm)")
+    return _same_layout(node, aligned)
+
+
+def _view(node: fx.Node) -> Any:
+    src = node.args[0]
+    lay = layout_of(src)
+    if not isinstance(lay, Batched):
+        return lay
+    in_shape, out_shape = node_shape(src), node_shape(node)
+    return _map_view(node, lay, in_shape, out_shape)
+
+
+def _map_view(node: fx.Node, lay: Batched, in_shape, out_shape) -> Batched:
+    """Where the batch factor of `lay` lands when `in_shape` is reshaped to `out_shape`."""
+    B = _batch_size(node)
+    before = sympy.Mul(*in_shape[: lay.dim]) * lay.outer  # elements-worth of index above the batch factor
+    pre = sympy.Integer(1)
+    for j, size in enumerate(out_shape):
+        outer = sympy.simplify(before / pre)
+        inner = sympy.simplify(pre * size / (before * B))
+        if outer.is_integer and inner.is_integer and outer >= 1 and inner >= 1:
+            return Batched(j, int(outer), int(inner))
+        pre = pre * size
+    raise _mix(node, "reshapes the batch dimension so that samples are split across dimensions")
+
+
+def _batch_size(node: fx.Node) -> sympy.Expr:
+    return node.graph.owning_module.meta["dp_batch_size"]
+
+
+def _as_strided(node: fx.Node) -> Any:
+    """as_strided that only re-views a contiguous tensor (decompositions emit these): a reshape."""
+    src = node.args[0]
+    lay = layout_of(src)
+    if not isinstance(lay, Batched):
+        return lay
+    val, out = src.meta["val"], node.meta["val"]
+    offset = node.args[3] if len(node.args) > 3 else 0
+    if val.is_contiguous() and out.is_contiguous() and val.numel() == out.numel() and not offset:
+        return _map_view(node, lay, node_shape(src), node_shape(node))
+    raise _mix(node, "re-strides a per-sample tensor in a way dpcompile cannot follow")
+
+
+def _permute(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return lay
+    dims = [d % _ndim(node) for d in node.args[1]]
+    return lay.at(dims.index(lay.dim))
+
+
+def _transpose(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return lay
+    nd = max(_ndim(node), 1)
+    d0, d1 = (node.args[1] % nd, node.args[2] % nd) if len(node.args) > 2 else (0, 1)
+    return lay.at({d0: d1, d1: d0}.get(lay.dim, lay.dim))
+
+
+def _expand(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return lay
+    return lay.at(lay.dim + _ndim(node) - _ndim(node.args[0]))
+
+
+def _unsqueeze(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return lay
+    dim = node.args[1] % _ndim(node)
+    return lay.at(lay.dim + (1 if dim <= lay.dim else 0))
+
+
+def _squeeze(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return lay
+    return _map_view(node, lay, node_shape(node.args[0]), node_shape(node))
+
+
+def _same_as_first(node: fx.Node) -> Any:
+    return layout_of(node.args[0])
+
+
+def _along_dim(node: fx.Node) -> Any:
+    """Ops that mix values along one dim (softmax, cumsum, sort...): not along the batch."""
+    aligned = [lay for _, lay in _batched_args(node)]
+    if not aligned:
+        return _free_or_agg(node)
+    lay = _same_layout(node, aligned)
+    kw = _kwargs(node)
+    dims = kw.get("dim", kw.get("dims"))
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if any(d % _ndim(node.args[0]) == lay.dim for d in dims):
+        raise _mix(node, "mixes values across the batch dimension")
+    return _multi(node, lay)
+
+
+def _multi(node: fx.Node, lay: Any) -> Any:
+    """Same layout for each tensor output of a (possibly multi-output) node."""
+    val = node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        return tuple(lay if isinstance(v, torch.Tensor) and v.dim() > lay.dim else FREE for v in val) \
+            if isinstance(lay, Batched) else tuple(lay for _ in val)
+    return lay
+
+
+def _reduction(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return _multi(node, lay)
+    kw = _kwargs(node)
+    nd = _ndim(node.args[0])
+    dims = kw.get("dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    dims = [d % nd for d in dims] or list(range(nd))
+    if lay.dim in dims:
+        return _multi(node, AGG)
+    shift = 0 if kw.get("keepdim", False) else sum(d < lay.dim for d in dims)
+    return _multi(node, lay.at(lay.dim - shift))
+
+
+def _select_or_slice(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return lay
+    kw = _kwargs(node)
+    dim = kw.get("dim", 0) % _ndim(node.args[0])
+    if dim == lay.dim:
+        in_shape, out_shape = node_shape(node.args[0]), node_shape(node)
+        if node.target is aten.slice.Tensor and in_shape == out_shape and kw.get("step", 1) == 1:
+            return lay  # full slice: identity
+        raise _mix(node, "indexes into the batch dimension (selects samples)",
+                   "index along another dimension, or select samples before calling the model")
+    if node.target is aten.select.int and dim < lay.dim:
+        return lay.at(lay.dim - 1)
+    return lay
+
+
+def _split(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return _multi(node, lay)
+    kw = _kwargs(node)
+    dim = kw.get("dim", 0) % _ndim(node.args[0])
+    if dim == lay.dim:
+        raise _mix(node, "splits the batch dimension")
+    if node.target is aten.unbind.int and dim < lay.dim:
+        lay = lay.at(lay.dim - 1)
+    return _multi(node, lay)
+
+
+def _cat(node: fx.Node) -> Any:
+    tensors = node.args[0]
+    out_nd = _ndim(node)
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % out_nd
+    aligned = []
+    for t in tensors:
+        lay = layout_of(t)
+        if isinstance(lay, Batched):
+            d = lay.dim + (1 if node.target is aten.stack.default and dim <= lay.dim else 0)
+            aligned.append(lay.at(d))
+    if not aligned:
+        return AGG if any(layout_of(t) is AGG for t in tensors) else FREE
+    if any(layout_of(t) is AGG for t in tensors):
+        raise _mix(node, "concatenates aggregated values with per-sample values")
+    lay = _same_layout(node, aligned)
+    if lay.dim == dim and node.target is aten.cat.default:
+        raise _mix(node, "concatenates along the batch dimension")
+    return lay
+
+
+def _index_select(node: fx.Node) -> Any:
+    src, dim, index = node.args[0], node.args[1] % max(_ndim(node.args[0]), 1), node.args[2]
+    ls, li = layout_of(src), layout_of(index)
+    if isinstance(li, Batched) and not isinstance(ls, Batched):
+        if ls is AGG:
+            raise _mix(node, "gathers aggregated values with per-sample indices")
+        return Batched(dim + li.dim, li.outer, li.inner)
+    if isinstance(ls, Batched) and not isinstance(li, Batched) and ls.dim != dim:
+        return ls
+    if not isinstance(ls, Batched) and not isinstance(li, Batched):
+        return _free_or_agg(node)
+    raise _mix(node, "selects along the batch dimension")
+
+
+def _gather_scatter(node: fx.Node) -> Any:
+    aligned = [lay for _, lay in _batched_args(node)]
+    if not aligned:
+        return _free_or_agg(node)
+    lay = _same_layout(node, aligned)
+    if node.args[1] % _ndim(node) == lay.dim:
+        raise _mix(node, "gathers/scatters along the batch dimension")
+    return lay
+
+
+def _embedding(node: fx.Node) -> Any:
+    weight, indices = node.args[0], node.args[1]
+    if isinstance(layout_of(weight), Batched) or layout_of(weight) is AGG:
+        raise _mix(node, "uses a per-sample embedding table")
+    return layout_of(indices)
+
+
+def _mm(node: fx.Node) -> Any:
+    a, b = node.args[-2], node.args[-1]
+    la, lb = layout_of(a), layout_of(b)
+    bias_lay = layout_of(node.args[0]) if node.target is aten.addmm.default else FREE
+    if isinstance(la, Batched) and isinstance(lb, Batched):
+        if la.dim == 1 and lb.dim == 0 and la == lb.at(1):
+            out = AGG  # contraction over the samples: a parameter-gradient site
+        else:
+            raise _mix(node, "multiplies two per-sample matrices along different dimensions")
+    elif isinstance(la, Batched):
+        if la.dim != 0:
+            raise _mix(node, "contracts a per-sample dimension with shared weights")
+        out = la
+    elif isinstance(lb, Batched):
+        if lb.dim != 1:
+            raise _mix(node, "contracts a per-sample dimension with shared weights")
+        out = lb
+    else:
+        out = AGG if AGG in (la, lb) else FREE
+    if isinstance(bias_lay, Batched) or (bias_lay is AGG and isinstance(out, Batched)):
+        if bias_lay != out:
+            raise _mix(node, "adds a bias laid out differently from the product")
+    return out
+
+
+def _bmm(node: fx.Node) -> Any:
+    a, b = node.args[-2], node.args[-1]
+    la, lb = layout_of(a), layout_of(b)
+    batched = [l for l in (la, lb) if isinstance(l, Batched)]
+    if not batched:
+        return _free_or_agg(node)
+    if all(l.dim == 0 for l in batched) and len(set(batched)) == 1:
+        return batched[0]
+    if isinstance(la, Batched) and isinstance(lb, Batched) and la.dim == 2 and lb.dim == 1 and la.at(1) == lb:
+        return AGG
+    raise _mix(node, "batched matmul whose samples are not along dimension 0")
+
+
+def _batch_first(node: fx.Node) -> Any:
+    """Ops that treat dim 0 as independent items (conv, pooling, group norm...)."""
+    aligned = [lay for _, lay in _batched_args(node)]
+    if not aligned:
+        return _multi(node, _free_or_agg(node))
+    lay = _same_layout(node, aligned)
+    if lay.dim != 0:
+        raise _mix(node, "needs the samples along dimension 0")
+    return _multi_by_size(node, lay, rest=FREE)
+
+
+def _multi_by_size(node: fx.Node, lay: Batched, rest: Any) -> Any:
+    """Outputs whose dim 0 matches the batched input's dim 0 keep `lay`; others get `rest`."""
+    val = node.meta.get("val")
+    lead = node_shape(_batched_args(node)[0][0])[0]
+    def one(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and sympy.simplify(_expr(v.shape[0]) - lead) == 0:
+            return lay
+        return rest
+    if isinstance(val, (list, tuple)):
+        return tuple(one(v) for v in val)
+    return one(val)
+
+
+def _expr(size):
+    from .base import to_expr
+    return to_expr(size)
+
+
+def _grad_site(node: fx.Node) -> Any:
+    """Backward ops that return grad_input (per sample) and parameter grads (summed)."""
+    aligned = [lay for _, lay in _batched_args(node)]
+    if not aligned:
+        return _multi(node, _free_or_agg(node))
+    lay = _same_layout(node, aligned)
+    first = node_shape(node.args[0])
+    if node.target is aten.native_layer_norm_backward.default:
+        if lay.dim >= len(first) - len(node.args[2]):
+            raise _mix(node, "normalizes over the batch dimension")
+    elif lay.dim != 0:
+        raise _mix(node, "needs the samples along dimension 0")
+    return (lay, AGG, AGG)
+
+
+def _layer_norm(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return _multi(node, lay)
+    if lay.dim >= _ndim(node.args[0]) - len(node.args[1]):
+        raise _mix(node, "normalizes over the batch dimension")
+    return (lay, lay, lay)
+
+
+def _batch_norm(node: fx.Node) -> Any:
+    training = node.args[5] if node.target is not aten._native_batch_norm_legit_no_training.default else False
+    if node.target in (aten._native_batch_norm_legit.default, aten._native_batch_norm_legit.no_stats,
+                       aten._native_batch_norm_legit_functional.default):
+        training = node.args[5] if node.target is not aten._native_batch_norm_legit.no_stats else node.args[3]
+    if training and isinstance(layout_of(node.args[0]), Batched):
+        raise _mix(
+            node, "is BatchNorm in training mode: it normalizes each sample with statistics of the whole batch",
+            "replace nn.BatchNorm with nn.GroupNorm (e.g. nn.GroupNorm(min(32, C), C)) or nn.LayerNorm, "
+            "or call .eval() on the BatchNorm layers to use their running statistics",
+        )
+    return _multi(node, layout_of(node.args[0]))
+
+
+def _attention(node: fx.Node) -> Any:
+    aligned = [lay for _, lay in _batched_args(node)]
+    if not aligned:
+        return _multi(node, _free_or_agg(node))
+    lay = _same_layout(node, aligned)
+    if lay.dim != 0:
+        raise _mix(node, "attends with the samples outside dimension 0")
+    backward = node.target.__name__.endswith("backward") or "backward" in str(node.target)
+    return _multi_by_size(node, lay, rest=AGG if backward else FREE)
+
+
+def _nll_forward(node: fx.Node) -> Any:
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return _multi(node, lay)
+    reduction = node.args[3]
+    return (lay.at(lay.dim) if reduction == 0 else AGG, AGG)
+
+
+def _nll_backward(node: fx.Node) -> Any:
+    return layout_of(node.args[1])
+
+
+def _embedding_backward(node: fx.Node) -> Any:
+    lg = layout_of(node.args[0])
+    return AGG if isinstance(lg, Batched) or lg is AGG else FREE
+
+
+def _factory(node: fx.Node) -> Any:
+    return FREE
+
+
+def _refuse_index(node: fx.Node) -> Any:
+    if not _batched_args(node):
+        return _free_or_agg(node)
+    raise _mix(node, "uses advanced indexing on a per-sample tensor, which dpcompile cannot yet prove sample-safe",
+               "use torch.gather / index_select along a non-batch dimension")
+
+
+def _packets(*names: str) -> list[Any]:
+    out = []
+    for name in names:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            out.append(packet)
+    return out
+
+
+RULES: dict[Any, Callable[[fx.Node], Any]] = {}
+
+
+def _register(rule: Callable[[fx.Node], Any], *names: str) -> None:
+    for packet in _packets(*names):
+        RULES[packet] = rule
+
+
+_register(_view, "view", "_unsafe_view", "reshape", "view_copy", "_reshape_alias", "unflatten", "flatten")
+_register(_permute, "permute")
+_register(_as_strided, "as_strided")
+_register(_transpose, "transpose", "t", "swapaxes")
+_register(_expand, "expand", "expand_copy")
+_register(_unsqueeze, "unsqueeze")
+_register(_squeeze, "squeeze")
+_register(_same_as_first, "clone", "contiguous", "alias", "detach", "_to_copy", "to", "lift_fresh_copy",
+          "type_as", "_conj", "resolve_conj", "resolve_neg", "native_dropout", "_assert_tensor_metadata")
+_register(_along_dim, "_softmax", "_log_softmax", "softmax", "log_softmax", "_softmax_backward_data",
+          "_log_softmax_backward_data", "cumsum", "cumprod", "sort", "topk", "flip", "roll", "logcumsumexp")
+_register(_reduction, "sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "prod", "var", "std",
+          "var_mean", "std_mean", "logsumexp", "linalg_vector_norm", "any", "all", "norm")
+_register(_select_or_slice, "select", "slice", "narrow")
+_register(_split, "split", "split_with_sizes", "unbind", "chunk", "unsafe_split", "tensor_split")
+_register(_cat, "cat", "stack")
+_register(_index_select, "index_select")
+_register(_gather_scatter, "gather", "scatter", "scatter_add", "scatter_reduce")
+_register(_embedding, "embedding")
+_register(_mm, "mm", "addmm")
+_register(_bmm, "bmm", "baddbmm")
+_register(_batch_first, "convolution", "_convolution", "max_pool2d_with_indices", "max_pool2d_with_indices_backward",
+          "max_pool3d_with_indices", "avg_pool2d", "avg_pool2d_backward", "avg_pool1d", "avg_pool3d",
+          "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "adaptive_avg_pool1d", "upsample_nearest2d",
+          "upsample_bilinear2d", "upsample_nearest2d_backward", "upsample_bilinear2d_backward", "im2col", "col2im",
+          "native_group_norm", "constant_pad_nd", "reflection_pad2d", "replication_pad2d")
+_register(_grad_site, "convolution_backward", "native_layer_norm_backward", "native_group_norm_backward")
+_register(_layer_norm, "native_layer_norm")
+_register(_batch_norm, "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+          "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "miopen_batch_norm", "batch_norm")
+_register(_attention, "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+          "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+          "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+          "_flash_attention_forward", "_flash_attention_backward", "_efficient_attention_forward",
+          "_efficient_attention_backward", "_scaled_dot_product_fused_attention_overrideable",
+          "_scaled_dot_product_fused_attention_overrideable_backward")
+_register(_nll_forward, "nll_loss_forward", "nll_loss2d_forward")
+_register(_nll_backward, "nll_loss_backward", "nll_loss2d_backward")
+_register(_embedding_backward, "embedding_dense_backward")
+_register(_factory, "full", "zeros", "ones", "empty", "empty_strided", "arange", "scalar_tensor", "full_like",
+          "zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_full", "new_empty", "rand_like",
+          "randn_like", "bernoulli", "rand", "randn", "randint", "randint_like", "iota", "sym_size", "sym_numel",
+          "sym_stride", "sym_storage_offset", "_local_scalar_dense", "detach_copy")
+_register(_refuse_index, "index", "_unsafe_index", "index_put", "_unsafe_index_put", "masked_select", "nonzero")
+_register(_pointwise, "where", "masked_fill", "clamp", "clamp_min", "clamp_max", "lerp", "addcmul", "addcdiv",
+          "threshold_backward", "gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
+          "hardtanh_backward", "leaky_relu_backward", "elu_backward", "softplus_backward", "mish_backward",
+          "native_dropout_backward", "_foreach_add", "copy", "fill", "logical_not", "bitwise_not")
+
+_PRIMS = {
+    "iota": _factory, "convert_element_type": _same_as_first, "device_put": _same_as_first,
+    "broadcast_in_dim": _expand, "squeeze": _squeeze, "var": _reduction, "sum": _reduction,
+    "philox_rand": _factory,
+}
+
+
+def _infer(node: fx.Node, ctx: CompileContext) -> Any:
+    target = node.target
+    if target is operator.getitem:
+        parent = layout_of(node.args[0])
+        return parent[node.args[1]] if isinstance(parent, (tuple, list)) else parent
+    if not isinstance(target, torch._ops.OpOverload):
+        # Python-level ops on sizes (operator.mul on SymInts, sym_float...).
+        if any(isinstance(layout_of(a), Batched) for a in _tensor_args(node)):
+            raise _mix(node, "is not an aten op and takes per-sample tensors")
+        return FREE
+    rule = RULES.get(target.overloadpacket)
+    if rule is None and target.namespace == "prims":
+        rule = _PRIMS.get(target.overloadpacket.__name__)
+    if rule is None and torch.Tag.pointwise in target.tags:
+        rule = _pointwise
+    if rule is None:
+        if not _batched_args(node):
+            return _multi(node, _free_or_agg(node)) if isinstance(node.meta.get("val"), (list, tuple)) else _free_or_agg(node)
+        raise DPCompileError(
+            f"dpcompile: {describe_node(node)} has no batch-dimension rule, so dpcompile cannot prove it keeps "
+            "samples apart and refuses it. Rewrite the model with standard ops, or open an issue naming this op."
+        )
+    return rule(node)

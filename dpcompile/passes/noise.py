@@ -1,0 +1,52 @@
+"""noise: add Gaussian noise to the clipped sums and divide by the batch size.
+
+Two runtime inputs are appended to the backward graph: ``dp_noise``, a flat float32
+N(0, 1) vector covering every privatized gradient of the graph (drawn by the runtime
+from the privacy state's seeded generator, so the stream is reproducible and
+checkpointable), and ``dp_scalars = [σ·R or 0, expected batch size or 0]``. The noise
+std is a runtime value so that gradient-accumulation micro-steps add none and the
+last one adds it once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import per_sample
+from .base import CompileContext, run_recorded
+
+
+def run(gm: fx.GraphModule, ctx: CompileContext):
+    def body():
+        return {"notes": add_noise(gm, ctx)}
+
+    return run_recorded("noise", "backward", gm, body)
+
+
+def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
+    graph = gm.graph
+    last_input = list(graph.find_nodes(op="placeholder"))[-1]
+    with graph.inserting_after(last_input):
+        noise = graph.placeholder("dp_noise")
+    with graph.inserting_after(noise):
+        scalars = graph.placeholder("dp_scalars")
+    out_node = graph.output_node()
+    outputs = list(out_node.args[0])
+    offset = 0
+    sizes = {}
+    shapes = {g.position: g.output.meta["val"].shape for g in ctx.plan["param_grads"]}
+    with graph.inserting_before(out_node):
+        for position, clipped in sorted(ctx.plan["clipped"].items()):
+            numel = int(torch.Size(shapes[position]).numel())
+            outputs[position] = graph.call_function(
+                per_sample.privatize, (clipped, noise, offset, scalars, ctx.plan["weights"]))
+            sizes[position] = (offset, numel)
+            offset += numel
+    out_node.args = (tuple(outputs),)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    ctx.plan["noise_numel"] = offset
+    ctx.plan["noise_slices"] = sizes
+    ctx.runtime_inputs = ["dp_noise", "dp_scalars"]
+    return [f"Gaussian noise over {offset} gradient coordinates; std σ·R = "
+            f"{ctx.options.noise_multiplier * ctx.options.max_grad_norm:g} (runtime input)"]

@@ -1,0 +1,195 @@
+"""param_grads: map each parameter to the backward subgraph that produces its gradient.
+
+A parameter's gradient is a sum over samples. We look for the *sites* where that sum
+happens, the ops whose inputs are per-sample and whose output is not:
+
+- ``linear``: ``mm(Gᵀ, A)`` contracting the (flattened) batch rows: nn.Linear with any
+  number of leading dims, HF ``Conv1D``, any matmul against a parameter;
+- ``sum``: a reduction over the batch dim: biases, elementwise scales (RMSNorm...);
+- ``embedding``: ``embedding_dense_backward``;
+- ``conv``: ``convolution_backward`` (weight and bias);
+- ``layer_norm`` / ``group_norm``: the affine parts of their backward ops.
+
+Between the sites and the gradient output there may be *post* ops that no longer see
+samples (views, adds of several uses of a shared parameter, a sum over positions
+already reduced over the batch...). They must be linear in the sites: then the
+per-sample gradient is ``post(site_b)`` and the clipped sum is ``post(Σ_b C_b site_b)``.
+Anything else is refused with an error naming the parameter and the op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..errors import DPCompileError, describe_node
+from .base import CompileContext, run_recorded
+from .batch_dim import AGG, FREE, Batched
+
+aten = torch.ops.aten
+
+# Sites whose parameter gradients are output #1 (weight) and #2 (bias) of a tuple.
+TUPLE_SITES = {
+    aten.convolution_backward.default: "conv",
+    aten.native_layer_norm_backward.default: "layer_norm",
+    aten.native_group_norm_backward.default: "group_norm",
+}
+# Post ops: op -> how its AGG (site-dependent) inputs may appear to stay linear.
+SHAPE_OPS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.t.default, aten.transpose.int, aten.clone.default, aten.alias.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+    aten.contiguous.default, aten._to_copy.default, aten.expand.default,
+}
+LINEAR_OPS = SHAPE_OPS | {
+    aten.sum.dim_IntList, aten.sum.default, aten.neg.default, aten.cat.default, aten.slice.Tensor,
+    aten.select.int, aten.embedding_dense_backward.default, aten.mm.default,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar,
+}
+
+
+@dataclasses.dataclass
+class Site:
+    node: fx.Node  # the op that sums over samples
+    value: fx.Node  # what the post ops consume: `node`, or its getitem
+    kind: str  # linear / sum / embedding / conv / layer_norm / group_norm
+    index: int | None = None  # output index for tuple sites
+
+
+@dataclasses.dataclass
+class ParamGrad:
+    name: str
+    position: int  # index in the backward outputs
+    output: fx.Node
+    sites: list[Site]
+    post: list[fx.Node]  # linear, sample-free ops from the sites to `output`, in graph order
+
+    @property
+    def reshape_only(self) -> bool:
+        return len(self.sites) == 1 and all(n.target in SHAPE_OPS for n in self.post)
+
+    @property
+    def kind(self) -> str:
+        kinds = sorted({s.kind for s in self.sites})
+        if len(self.sites) > 1:
+            return "shared(" + "+".join(kinds) + ")"
+        return kinds[0]
+
+
+def run(gm: fx.GraphModule, ctx: CompileContext):
+    def body():
+        grads = find_param_grads(gm.graph, ctx)
+        ctx.plan["param_grads"] = grads
+        return {
+            "table": [{"param": g.name, "kind": g.kind, "sites": [s.node.name for s in g.sites],
+                       "post_ops": len(g.post)} for g in grads],
+        }
+
+    return run_recorded("param_grads", "backward", gm, body)
+
+
+def find_param_grads(graph: fx.Graph, ctx: CompileContext) -> list[ParamGrad]:
+    outputs = list(graph.output_node().args[0])
+    if len(outputs) != len(ctx.input_kinds):
+        raise DPCompileError(
+            f"dpcompile: backward graph returns {len(outputs)} gradients for {len(ctx.input_kinds)} inputs"
+        )
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    grads = []
+    for position, (out, kind) in enumerate(zip(outputs, ctx.input_kinds)):
+        if out is None:
+            continue
+        name = ctx.param_names.get(position, f"input #{position}")
+        if kind == "buffer":
+            raise DPCompileError(f"dpcompile: buffer `{name}` receives a gradient; make it a Parameter or detach it")
+        if kind != "param":
+            continue  # gradient w.r.t. a user input: not released by the optimizer
+        sites, post = _trace_back(out, name)
+        grads.append(ParamGrad(name, position, out, sites, sorted(post, key=order.__getitem__)))
+    return grads
+
+
+def _trace_back(out: fx.Node, name: str) -> tuple[list[Site], set[fx.Node]]:
+    sites: dict[fx.Node, Site] = {}
+    post: set[fx.Node] = set()
+    stack = [out]
+    while stack:
+        node = stack.pop()
+        if node in post or node in sites:
+            continue
+        site = _as_site(node)
+        if site is not None:
+            sites[node] = site
+            continue
+        layout = node.meta.get("dp_layout")
+        if isinstance(layout, Batched):
+            raise DPCompileError(f"dpcompile: gradient of `{name}` is still per-sample at {describe_node(node)}")
+        if layout is FREE:
+            raise DPCompileError(
+                f"dpcompile: gradient of parameter `{name}` has a part that does not come from any sample "
+                f"({describe_node(node)}), e.g. a regulariser computed inside the compiled model. "
+                "Compute such terms outside the compiled region, or use the optimizer's weight_decay."
+            )
+        _check_linear(node, name)
+        post.add(node)
+        stack.extend(a for a in _node_args(node) if a.meta.get("dp_layout") is AGG)
+    if not sites:
+        raise DPCompileError(f"dpcompile: could not find where the gradient of `{name}` is summed over samples")
+    return list(sites.values()), post
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    out = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        for x in (a if isinstance(a, (list, tuple)) else [a]):
+            if isinstance(x, fx.Node):
+                out.append(x)
+    return out
+
+
+def _as_site(node: fx.Node) -> Site | None:
+    """The summation site `node` is (or reads from), if any."""
+    if node.target is operator.getitem and node.args[0].target in TUPLE_SITES:
+        parent, index = node.args
+        if index not in (1, 2) or not _has_batched_input(parent):
+            return None
+        return Site(parent, node, TUPLE_SITES[parent.target], index)
+    if not _has_batched_input(node):
+        return None
+    if node.target in (aten.mm.default,):
+        return Site(node, node, "linear")
+    if node.target in (aten.sum.dim_IntList, aten.sum.default):
+        return Site(node, node, "sum")
+    if node.target is aten.embedding_dense_backward.default:
+        return Site(node, node, "embedding")
+    raise DPCompileError(
+        f"dpcompile: a parameter gradient is summed over samples by {describe_node(node)}, which dpcompile "
+        "cannot split per sample; it supports Linear/matmul, Conv1d/2d, Embedding, LayerNorm, GroupNorm, "
+        "biases and elementwise scales."
+    )
+
+
+def _has_batched_input(node: fx.Node) -> bool:
+    return any(isinstance(a.meta.get("dp_layout"), Batched) for a in _node_args(node))
+
+
+def _check_linear(node: fx.Node, name: str) -> None:
+    """Post ops must be linear in the site values, or per-sample splitting is invalid."""
+    ok = node.target in LINEAR_OPS
+    tensor_args = [a for a in _node_args(node) if isinstance(a.meta.get("val"), torch.Tensor)]
+    dependent = [a for a in tensor_args if a.meta.get("dp_layout") is AGG]
+    if node.target in (aten.add.Tensor, aten.sub.Tensor):
+        ok = ok and len(dependent) == len(tensor_args)
+    elif node.target in (aten.mul.Tensor, aten.mm.default):
+        ok = ok and len(dependent) == 1
+    elif node.target is aten.div.Tensor:
+        ok = ok and dependent == tensor_args[:1]
+    elif node.target is aten.embedding_dense_backward.default:
+        ok = ok and dependent == [node.args[0]]
+    if not ok:
+        raise DPCompileError(
+            f"dpcompile: gradient of parameter `{name}` goes through {describe_node(node)} after being summed "
+            "over samples, and that op is not linear, so it cannot be split per sample."
+        )
