@@ -55,8 +55,74 @@ def ghost_sq_norm_embedding(grad: torch.Tensor, indices: torch.Tensor, lg: tuple
     return (torch.bmm(G, G.mT) * same).sum((1, 2))
 
 
-def instantiate_site(target, in_dims: tuple, index, *args):
-    """Per-sample values (B, *site shape) of a summation site, by vmapping the op itself."""
+# Per-sample gradients of each kind of summation site: (B, *site output shape). Written
+# with batched ops rather than vmap, whose fallbacks specialize on the batch size.
+
+def instantiate_linear(a: torch.Tensor, b: torch.Tensor, la: tuple, lb: tuple) -> torch.Tensor:
+    """mm(a, b) split per sample: a (n, N) samples on dim 1, b (N, m) samples on dim 0."""
+    return torch.bmm(batch_front(a, la), batch_front(b, lb))
+
+
+def instantiate_sum(x: torch.Tensor, lx: tuple, dims: list, out_shape: list) -> torch.Tensor:
+    """sum(x, dims) split per sample (biases, elementwise scales)."""
+    xb = batch_front(x, lx)
+    dims = [d % x.dim() for d in dims] if dims else list(range(x.dim()))
+    return xb.sum([d + 1 for d in dims]).reshape([xb.shape[0], *out_shape])
+
+
+def instantiate_embedding(grad: torch.Tensor, indices: torch.Tensor, lg: tuple, li: tuple | None,
+                          num_weights: int, padding_idx: int) -> torch.Tensor:
+    """embedding_dense_backward split per sample: (B, V, d) by one index_add over B·V rows."""
+    G = batch_front(grad, lg)
+    B, d = G.shape[0], G.shape[-1]
+    G = G.reshape(B, -1, d)
+    idx = batch_front(indices, li).reshape(B, -1) if li is not None else indices.reshape(1, -1).expand(B, -1)
+    if padding_idx >= 0:
+        G = G * (idx != padding_idx).unsqueeze(-1).to(G.dtype)
+    rows = (torch.arange(B, device=idx.device).unsqueeze(1) * num_weights + idx).reshape(-1)
+    out = G.new_zeros(B * num_weights, d).index_add(0, rows, G.reshape(-1, d))
+    return out.view(B, num_weights, d)
+
+
+def instantiate_layer_norm(grad, x, mean, rstd, lg: tuple, n_normalized: int, which: int) -> torch.Tensor:
+    """LayerNorm weight (which=1: Σ g·x̂) or bias (which=2: Σ g) gradients per sample."""
+    term = grad * ((x - mean) * rstd) if which == 1 else grad
+    tb = batch_front(term.float(), lg)
+    return tb.sum(list(range(1, tb.dim() - n_normalized)))
+
+
+def instantiate_group_norm(grad, x, mean, rstd, lg: tuple, groups: int, which: int) -> torch.Tensor:
+    """GroupNorm weight/bias gradients per sample: (B, C)."""
+    if which == 1:
+        n = x.shape[0]
+        xhat = (x.reshape(n, groups, -1) - mean.reshape(n, groups, 1)) * rstd.reshape(n, groups, 1)
+        grad = grad * xhat.reshape(x.shape)
+    tb = batch_front(grad.float(), lg)  # (B, rows, C, *spatial)
+    return tb.sum([1] + list(range(3, tb.dim())))
+
+
+def instantiate_conv(grad, x, weight, lg: tuple, stride, padding, dilation, groups: int,
+                     which: int) -> torch.Tensor:
+    """Conv1d/2d weight (via unfold) or bias gradients per sample."""
+    if which == 2:
+        tb = batch_front(grad.float(), lg)
+        return tb.sum([1] + list(range(3, tb.dim())))
+    one_d = x.dim() == 3
+    if one_d:
+        x, grad = x.unsqueeze(2), grad.unsqueeze(2)
+        stride, padding, dilation = (1, stride[0]), (0, padding[0]), (1, dilation[0])
+    kernel = weight.shape[-2:] if not one_d else (1, weight.shape[-1])
+    n, c_out = grad.shape[0], grad.shape[1]
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    cols = cols.reshape(n, groups, -1, cols.shape[-1])  # (N, g, Cin/g·k, L)
+    g = grad.reshape(n, groups, c_out // groups, -1)  # (N, g, Cout/g, L)
+    rows = torch.einsum("ngol,ngil->ngoi", g, cols).reshape(n, -1)
+    per_sample = batch_front(rows, (0,) + tuple(lg[1:])).sum(1)
+    return per_sample.reshape(per_sample.shape[0], *weight.shape)
+
+
+def instantiate_vmap(target, in_dims: tuple, index, *args):
+    """Fallback for other sites: vmap the op over samples (may specialize on the batch size)."""
 
     def one_sample(*a):
         out = target(*a)
@@ -65,13 +131,27 @@ def instantiate_site(target, in_dims: tuple, index, *args):
     return vmap(one_sample, in_dims=in_dims)(*args)
 
 
+def embedding_grad_onehot(grad: torch.Tensor, indices: torch.Tensor, num_weights: int, padding_idx: int,
+                          scale_grad_by_freq: bool = False) -> torch.Tensor:
+    """embedding_dense_backward as a one-hot matmul, which vmap batches without specializing."""
+    idx = indices.reshape(-1)
+    onehot = (idx.unsqueeze(1) == torch.arange(num_weights, device=idx.device)).to(grad.dtype)
+    if padding_idx >= 0:
+        onehot = onehot * (idx != padding_idx).unsqueeze(1).to(grad.dtype)
+    return onehot.t() @ grad.reshape(idx.shape[0], -1)
+
+
 def total_sq_norm(*sq_norms: torch.Tensor) -> torch.Tensor:
     """Σ over layers of the per-sample squared norms: the whole-model per-sample norm²."""
     return torch.stack(sq_norms).sum(0)
 
 
 def instantiate_post(post: fx.GraphModule, n_sites: int, *args):
-    """Apply the sample-free ops after the sites to each sample's site values."""
+    """Apply the sample-free ops after the sites to each sample's site values.
+
+    `post` holds only linear aten ops (param_grads checked it), with embedding backward
+    already swapped for `embedding_grad_onehot`, so vmap batches it symbolically.
+    """
     in_dims = (0,) * n_sites + (None,) * (len(args) - n_sites)
     return vmap(post, in_dims=in_dims)(*args)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -48,7 +49,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     table, sq_norms, finishers = [], [], []
     with graph.inserting_before(out_node):
         for g in grads:
-            costs = _costs(g)
+            costs = _costs(g, ctx.batch_size)
             strategy = cost_model.choose(costs, batch, ctx.options.strategy, budget)
             if strategy == "ghost":
                 sq, finish = _ghost(graph, g)
@@ -90,7 +91,7 @@ def _batch_hint(ctx: CompileContext) -> int:
 
 # ------------------------------------------------------------------ costs
 
-def _costs(g: ParamGrad) -> dict[str, cost_model.Cost]:
+def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
     numel = int(torch.Size(g.output.meta["val"].shape).numel())
     site = g.sites[0]
     if g.reshape_only and site.kind == "linear":
@@ -100,9 +101,8 @@ def _costs(g: ParamGrad) -> dict[str, cost_model.Cost]:
         return cost_model.linear(la.outer * la.inner, n, m)
     if g.reshape_only and site.kind == "embedding" and _ghostable_embedding(site):
         grad = site.node.args[0]
-        lg = grad.meta["dp_layout"]
-        rows = int(torch.Size([int(s) for s in node_shape(grad)[:-1]]).numel()) // _batch_extent(grad)
-        return cost_model.embedding(rows, int(node_shape(grad)[-1]), int(site.node.args[2]))
+        rows = sympy.Mul(*node_shape(grad)[:-1]) / batch_size
+        return cost_model.embedding(int(rows), int(node_shape(grad)[-1]), int(site.node.args[2]))
     rows = max(_rows_per_sample(s) for s in g.sites)
     return cost_model.generic(numel, rows)
 
@@ -111,13 +111,6 @@ def _ghostable_embedding(site: Site) -> bool:
     grad, indices = site.node.args[0], site.node.args[1]
     lg, li = grad.meta["dp_layout"], indices.meta.get("dp_layout")
     return isinstance(lg, Batched) and isinstance(li, Batched) and lg.dim < grad.meta["val"].dim() - 1
-
-
-def _batch_extent(node: fx.Node) -> int:
-    """How many elements of `node`'s leading dims belong to one sample, times B (concrete)."""
-    lay = node.meta["dp_layout"]
-    shape = node_shape(node)
-    return int(shape[lay.dim] / (lay.outer * lay.inner))
 
 
 def _rows_per_sample(site: Site) -> int:
@@ -178,28 +171,57 @@ def _instantiate(gm: fx.GraphModule, g: ParamGrad):
 
 
 def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
+    """A node computing this site's per-sample values, (B, *site output shape)."""
+    node, call = site.node, graph.call_function
+    args = node.args
+    if site.kind == "linear":
+        return call(per_sample.instantiate_linear, (*args, _layout(args[0]), _layout(args[1])))
+    if site.kind == "sum":
+        dims = args[1] if len(args) > 1 else None
+        return call(per_sample.instantiate_sum, (args[0], _layout(args[0]), dims, _static_shape(node)))
+    if site.kind == "embedding":
+        grad, indices, num_weights, padding_idx, scale_by_freq = args
+        if scale_by_freq:
+            raise DPCompileError(
+                f"dpcompile: {describe_node(node)} uses scale_grad_by_freq=True, which scales by counts over the "
+                "whole batch (mixing samples). Use nn.Embedding(..., scale_grad_by_freq=False).")
+        li = _layout(indices) if isinstance(indices.meta.get("dp_layout"), Batched) else None
+        return call(per_sample.instantiate_embedding, (grad, indices, _layout(grad), li, num_weights, padding_idx))
+    if site.kind == "layer_norm":
+        grad, x, normalized, mean, rstd = args[:5]
+        return call(per_sample.instantiate_layer_norm,
+                    (grad, x, mean, rstd, _layout(grad), len(normalized), site.index))
+    if site.kind == "group_norm":
+        grad, x, mean, rstd, _, _, _, _, groups = args[:9]
+        return call(per_sample.instantiate_group_norm, (grad, x, mean, rstd, _layout(grad), groups, site.index))
+    if site.kind == "conv" and _plain_conv(node):
+        grad, x, weight, _, stride, padding, dilation, _, _, groups = args[:10]
+        return call(per_sample.instantiate_conv,
+                    (grad, x, weight, _layout(grad), stride, padding, dilation, groups, site.index))
+    return _instantiate_by_vmap(graph, site)
+
+
+def _plain_conv(node: fx.Node) -> bool:
+    """Conv1d/Conv2d, not transposed, samples on a plain dim 0: the unfold formula applies."""
+    grad, transposed = node.args[0], node.args[7]
+    return grad.meta["val"].dim() in (3, 4) and not transposed and grad.meta["dp_layout"].dim == 0
+
+
+def _static_shape(node: fx.Node) -> list[int]:
+    return [int(s) for s in node.meta["val"].shape]
+
+
+def _instantiate_by_vmap(graph: fx.Graph, site: Site) -> fx.Node:
     node = site.node
-    if node.target is aten.embedding_dense_backward.default and node.args[4]:
-        raise DPCompileError(
-            f"dpcompile: {describe_node(node)} uses scale_grad_by_freq=True, which scales by counts over the whole "
-            "batch (mixing samples). Use nn.Embedding(..., scale_grad_by_freq=False).")
     args, in_dims = [], []
     for a in node.args:
-        lay = a.meta.get("dp_layout") if isinstance(a, fx.Node) else None
-        if isinstance(lay, Batched):
+        if isinstance(a, fx.Node) and isinstance(a.meta.get("dp_layout"), Batched):
             args.append(graph.call_function(per_sample.batch_front, (a, _layout(a))))
             in_dims.append(0)
         else:
             args.append(_only_needed_output(node, a, site))
             in_dims.append(None)
-    return graph.call_function(per_sample.instantiate_site, (node.target, tuple(in_dims), site.index, *args))
-
-
-def _only_needed_output(node: fx.Node, arg, site: Site):
-    """For tuple sites, ask only for the parameter gradient being instantiated."""
-    if site.index is not None and arg is node.args[-1] and isinstance(arg, (list, tuple)):
-        return [i == site.index for i in range(len(arg))]
-    return arg
+    return graph.call_function(per_sample.instantiate_vmap, (node.target, tuple(in_dims), site.index, *args))
 
 
 def _extract_post(gm: fx.GraphModule, g: ParamGrad) -> tuple[fx.GraphModule, list[fx.Node]]:
@@ -221,6 +243,8 @@ def _extract_post(gm: fx.GraphModule, g: ParamGrad) -> tuple[fx.GraphModule, lis
 
     for n in g.post:
         env[n] = sub.node_copy(n, lookup)
+        if n.target is aten.embedding_dense_backward.default:
+            env[n].target = per_sample.embedding_grad_onehot  # vmap-friendly (see its docstring)
     sub.output(env[g.output])
     return fx.GraphModule(gm, sub), leaves
 
