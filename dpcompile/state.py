@@ -28,8 +28,10 @@ class PrivacyState:
         self.release_next = True  # False on gradient-accumulation micro-steps
         self.last_sample_norms: torch.Tensor | None = None
         self.compiled: list[Any] = []  # CompileContext of every compiled region, for inspection
+        self.multi_graph = False  # set when dynamo splits the model (graph breaks)
         self._task: int | None = None
-        self._graphs_in_task: set[int] = set()
+        self._graphs_in_task: dict[int, Any] = {}  # graph id -> CompileContext
+        self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
         self._zeros: dict[tuple, torch.Tensor] = {}
 
     # -- noise -------------------------------------------------------------------------
@@ -49,17 +51,63 @@ class PrivacyState:
         return torch.randn(numel, generator=gen, device=device)
 
     # -- one release per backward pass, however many graphs it runs ------------------
-    def enter_backward(self, graph_id: int) -> None:
+    def enter_backward(self, ctx: Any) -> None:
         task = torch._C._current_graph_task_id()
         if task != self._task:
-            self._task, self._graphs_in_task = task, set()
+            self._task, self._graphs_in_task, self._pending = task, {}, []
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
-        self._graphs_in_task.add(graph_id)
+        self._graphs_in_task[ctx.graph_id] = ctx
+
+    def defer(self, ctx: Any, sq_norms: torch.Tensor, per_sample_grads: list[torch.Tensor]) -> None:
+        """A graph-break graph's share of the step; clipped once the whole backward has run."""
+        self._pending.append((ctx, sq_norms, per_sample_grads))
 
     def _finish_backward(self) -> None:
-        self._task = None
+        graphs, pending = self._graphs_in_task, self._pending
+        self._task, self._graphs_in_task, self._pending = None, {}, []
+        if len(graphs) > 1 and not all(c.deferred for c in graphs.values()):
+            for c in graphs.values():
+                for p in c.params.values():
+                    p.grad = None
+            raise DPCompileError(
+                "dpcompile: one backward pass ran several compiled graphs of this model that were each clipped on "
+                "their own (a graph break appeared after compilation, or the model was called twice before "
+                "backward). The gradients were discarded. Call the model once per backward, or re-create the "
+                "compiled model so that dpcompile sees the graph break when compiling.")
+        if pending:
+            self._release_deferred(pending)
         if self.release_next:
             self.record_release()
+
+    def _release_deferred(self, pending) -> None:
+        from .per_sample import clip_weights, privatize, weighted_sum
+
+        opts = self.options
+        total = sum(sq for _, sq, _ in pending)
+        weights, norms = clip_weights(total, opts.max_grad_norm, opts.loss_reduction, opts.clipping,
+                                      opts.automatic_gamma)
+        self.check_norms(norms)
+        device = total.device
+        scalars = torch.tensor([self.noise_std, opts.expected_batch_size or 0.0], device=device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(stream_seed(self.seed, self.steps, -1))
+        for ctx, _, per_sample_grads in sorted(pending, key=lambda item: item[0].graph_id):
+            for position, ps in zip(ctx.plan["deferred_positions"], per_sample_grads):
+                param = ctx.params[position]
+                clipped = weighted_sum(weights, ps)
+                noise = torch.randn(clipped.numel(), generator=gen, device=device) if self.noise_std else \
+                    torch.zeros(clipped.numel(), device=device)
+                grad = privatize(clipped, noise, 0, scalars, weights).to(param.dtype)
+                param.grad = grad if param.grad is None else param.grad + grad
+
+    def check_norms(self, norms: torch.Tensor) -> None:
+        self.last_sample_norms = norms.detach()
+        if self.options.check_finite and not bool(torch.isfinite(norms).all()):
+            bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+            raise DPCompileError(
+                f"dpcompile: per-sample gradient norm is NaN/inf for sample(s) {bad[:10]} of this batch; "
+                "no gradient was released. Check the inputs and loss of those samples (or lower the learning "
+                "rate / use gradient-safe ops); set options={'check_finite': False} to skip this check.")
 
     def record_release(self, count: int = 1) -> None:
         self.steps += count

@@ -40,8 +40,11 @@ _states_by_options: dict[int, PrivacyState] = {}
 def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                mode: str | None = None, **unused: Any):
     state = _state_for(options, example_inputs)
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is not None and reason.graph_break:
+        state.multi_graph = True  # another graph follows: clip factors need all of them
     ctx = CompileContext(options=state.options, graph_id=next(_graph_ids),
-                         param_names={}, input_kinds=[])
+                         param_names={}, input_kinds=[], deferred=state.multi_graph)
     _classify_inputs(gm, example_inputs, ctx)
     state.compiled.append(ctx)
     inner = functools.partial(_inner_compile, ctx=ctx, state=state)
@@ -92,6 +95,8 @@ def _classify_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: Com
             kind = "batched" if size0 is not None and size0[0] == batch[0] else "free"
         if kind in ("param", "buffer"):
             ctx.param_names[len(ctx.input_kinds)] = _param_name(source, node.name)
+        if kind == "param":
+            ctx.params[len(ctx.input_kinds)] = value
         ctx.input_kinds.append(kind)
     if batch is None:
         raise DPCompileError("dpcompile: the compiled model takes no batched tensor input; the first tensor "
@@ -150,7 +155,7 @@ def _decompose(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileCo
     fake_mode = detect_fake_mode(example_inputs)
     device = next(x.device for x in example_inputs if isinstance(x, torch.Tensor))
     with fake_mode:
-        extra = [torch.empty(ctx.plan["noise_numel"], device=device), torch.empty(2, device=device)]
+        extra = [torch.empty(shape, device=device) for shape in ctx.runtime_inputs.values()]
     inputs = list(example_inputs) + extra
     interpreter = fx.Interpreter(gm)
     with fake_mode:

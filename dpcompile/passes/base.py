@@ -40,7 +40,9 @@ class CompileContext:
     tangent_layouts: list[Any] = dataclasses.field(default_factory=list)
     plan: dict[str, Any] = dataclasses.field(default_factory=dict)  # filled by the backward passes
     records: list[PassRecord] = dataclasses.field(default_factory=list)
-    runtime_inputs: list[str] = dataclasses.field(default_factory=list)  # extra backward placeholders
+    deferred: bool = False  # graph-break mode: clip and noise after the whole backward
+    params: dict[int, Any] = dataclasses.field(default_factory=dict)  # forward input index -> Parameter
+    runtime_inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # extra backward inputs: shape
     extra_outputs: list[str] = dataclasses.field(default_factory=list)  # extra backward outputs
 
 

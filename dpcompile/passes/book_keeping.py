@@ -46,15 +46,17 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     batch = _batch_hint(ctx)
     budget = ctx.options.memory_budget_mb * 2**20
     out_node = graph.output_node()
-    table, sq_norms, finishers = [], [], []
+    table, sq_norms, finishers, per_sample_grads = [], [], [], []
     with graph.inserting_before(out_node):
         for g in grads:
             costs = _costs(g, ctx.batch_size)
-            strategy = cost_model.choose(costs, batch, ctx.options.strategy, budget)
+            strategy = "instantiate" if ctx.deferred else cost_model.choose(
+                costs, batch, ctx.options.strategy, budget)
             if strategy == "ghost":
                 sq, finish = _ghost(graph, g)
             else:
-                sq, finish = _instantiate(gm, g)
+                sq, finish, full = _instantiate(gm, g)
+                per_sample_grads.append(full)
             sq_norms.append(sq)
             finishers.append((g, finish))
             flops, mem = costs[strategy].at(batch)
@@ -63,6 +65,9 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
                           "flops_expr": str(costs[strategy].flops), "memory_expr": str(costs[strategy].memory),
                           "alternatives": {k: c.at(batch) for k, c in costs.items() if k != strategy}})
         total = graph.call_function(per_sample.total_sq_norm, tuple(sq_norms))
+        if ctx.deferred:
+            _defer(gm, ctx, grads, total, per_sample_grads)
+            return table
         clip = graph.call_function(per_sample.clip_weights, (
             total, ctx.options.max_grad_norm, ctx.options.loss_reduction, ctx.options.clipping,
             ctx.options.automatic_gamma))
@@ -79,6 +84,23 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     graph.eliminate_dead_code()
     gm.recompile()
     return table
+
+
+def _defer(gm: fx.GraphModule, ctx: CompileContext, grads: list[ParamGrad], total: fx.Node,
+           per_sample_grads: list[fx.Node]) -> None:
+    """Graph breaks: the clip factor needs the norms of every graph of the step, so this graph
+    returns its per-sample norms² and per-sample gradients instead of gradients; the runtime
+    clips and adds noise once the whole backward has run (``PrivacyState``)."""
+    out_node = gm.graph.output_node()
+    outputs = list(out_node.args[0])
+    for g in grads:
+        outputs[g.position] = None
+    out_node.args = (tuple(outputs) + (total, *per_sample_grads),)
+    ctx.plan["deferred_positions"] = [g.position for g in grads]
+    ctx.extra_outputs = ["sample_sq_norms"] + [f"per_sample_grad:{g.name}" for g in grads]
+    _trim_tuple_sites(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 def _batch_hint(ctx: CompileContext) -> int:
@@ -167,7 +189,7 @@ def _instantiate(gm: fx.GraphModule, g: ParamGrad):
     def finish(weights: fx.Node) -> fx.Node:
         return graph.call_function(per_sample.weighted_sum, (weights, full))
 
-    return sq, finish
+    return sq, finish, full
 
 
 def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:

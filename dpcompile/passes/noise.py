@@ -24,6 +24,9 @@ def run(gm: fx.GraphModule, ctx: CompileContext):
 
 
 def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
+    if ctx.deferred:
+        ctx.runtime_inputs = {}
+        return ["graph-break mode: noise is added once per step after the whole backward (PrivacyState)"]
     graph = gm.graph
     last_input = list(graph.find_nodes(op="placeholder"))[-1]
     with graph.inserting_after(last_input):
@@ -47,6 +50,6 @@ def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
     gm.recompile()
     ctx.plan["noise_numel"] = offset
     ctx.plan["noise_slices"] = sizes
-    ctx.runtime_inputs = ["dp_noise", "dp_scalars"]
+    ctx.runtime_inputs = {"dp_noise": (offset,), "dp_scalars": (2,)}
     return [f"Gaussian noise over {offset} gradient coordinates; std σ·R = "
             f"{ctx.options.noise_multiplier * ctx.options.max_grad_norm:g} (runtime input)"]
