@@ -6,6 +6,7 @@ draws bit-identical noise and reports the same ε.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -26,6 +27,7 @@ class PrivacyState:
         self.skipped_steps = 0  # Poisson draws with no sample: nothing released, still accounted
         self.accountant = PrivacyAccountant(options.accountant)
         self.release_next = True  # False on gradient-accumulation micro-steps
+        self.last_backward_released = True
         self.last_sample_norms: torch.Tensor | None = None
         self.compiled: list[Any] = []  # CompileContext of every compiled region, for inspection
         self.multi_graph = False  # set when dynamo splits the model (graph breaks)
@@ -76,6 +78,7 @@ class PrivacyState:
                 "compiled model so that dpcompile sees the graph break when compiling.")
         if pending:
             self._release_deferred(pending)
+        self.last_backward_released = self.release_next
         if self.release_next:
             self.record_release()
 
@@ -132,9 +135,16 @@ class PrivacyState:
     # -- checkpointing ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "steps": self.steps, "skipped_steps": self.skipped_steps,
-                "release_next": self.release_next, "accountant": self.accountant.state_dict()}
+                "release_next": self.release_next, "options": dataclasses.asdict(self.options),
+                "accountant": self.accountant.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("options", {})
+        for key in ("max_grad_norm", "noise_multiplier", "sample_rate"):
+            if key in saved and saved[key] != getattr(self.options, key):
+                raise DPCompileError(
+                    f"dpcompile: checkpoint was made with {key}={saved[key]} but this model uses "
+                    f"{getattr(self.options, key)}; resume with the same privacy options")
         self.seed = int(state["seed"])
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))

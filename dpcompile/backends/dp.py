@@ -77,6 +77,16 @@ def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacySt
     return state
 
 
+def register_state(options: dict, module: torch.nn.Module) -> PrivacyState:
+    """Create the privacy state before the first compile (make_private needs it for its loader)."""
+    state = PrivacyState(DPOptions.from_dict(options))
+    state.options_dict = options
+    _states_by_options[id(options)] = state
+    for p in module.parameters():
+        setattr(p, STATE_ATTR, state)
+    return state
+
+
 def _classify_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileContext) -> None:
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     batch = None
@@ -159,5 +169,23 @@ def _decompose(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileCo
     inputs = list(example_inputs) + extra
     interpreter = fx.Interpreter(gm)
     with fake_mode:
-        decomposed = make_fx(interpreter.run, decomposition_table=select_decomp_table())(*inputs)
+        decomposed = make_fx(interpreter.run, decomposition_table=retrace_decompositions())(*inputs)
     return decomposed, inputs
+
+
+@functools.lru_cache(None)
+def retrace_decompositions() -> dict:
+    """Inductor's table, plus views that copy when re-tracing changed an input's strides.
+
+    Re-tracing can decompose an op (e.g. a cropping constant_pad_nd) into a strided
+    slice where AOT recorded a contiguous result; the graph's later `view` then fails.
+    """
+    table = dict(select_decomp_table())
+    table[aten.view.default] = _view_or_copy
+    return table
+
+
+def _view_or_copy(x: torch.Tensor, size):
+    if x.is_contiguous():
+        return NotImplemented  # a plain view
+    return aten.view.default(aten.clone.default(x, memory_format=torch.contiguous_format), size)
