@@ -597,7 +597,7 @@ _register(_pointwise, "where", "masked_fill", "clamp", "clamp_min", "clamp_max",
 _PRIMS = {
     "iota": _factory, "convert_element_type": _same_as_first, "device_put": _same_as_first,
     "broadcast_in_dim": _expand, "squeeze": _squeeze, "var": _reduction, "sum": _reduction,
-    "philox_rand": _factory,
+    "philox_rand": _factory, "rev": _along_dim,
     # Inductor's decomposition of max pooling (per-sample windows over the spatial dims).
     "_low_memory_max_pool_with_offsets": _batch_first, "_low_memory_max_pool_offsets_to_indices": _batch_first,
 }

@@ -127,11 +127,7 @@ def _trace_back(out: fx.Node, name: str) -> tuple[list[Site], set[fx.Node]]:
         if isinstance(layout, Batched):
             raise DPCompileError(f"dpcompile: gradient of `{name}` is still per-sample at {describe_node(node)}")
         if layout is FREE:
-            raise DPCompileError(
-                f"dpcompile: gradient of parameter `{name}` has a part that does not come from any sample "
-                f"({describe_node(node)}), e.g. a regulariser computed inside the compiled model. "
-                "Compute such terms outside the compiled region, or use the optimizer's weight_decay."
-            )
+            raise _sample_free(name, node)
         _check_linear(node, name)
         post.add(node)
         stack.extend(a for a in _node_args(node) if a.meta.get("dp_layout") is AGG)
@@ -171,6 +167,14 @@ def _as_site(node: fx.Node) -> Site | None:
     )
 
 
+def _sample_free(name: str, node: fx.Node) -> DPCompileError:
+    return DPCompileError(
+        f"dpcompile: gradient of parameter `{name}` has a part that does not come from any sample "
+        f"({describe_node(node)}), e.g. a regulariser computed inside the compiled model. "
+        "Compute such terms outside the compiled region, or use the optimizer's weight_decay."
+    )
+
+
 def _has_batched_input(node: fx.Node) -> bool:
     return any(isinstance(a.meta.get("dp_layout"), Batched) for a in _node_args(node))
 
@@ -181,7 +185,9 @@ def _check_linear(node: fx.Node, name: str) -> None:
     tensor_args = [a for a in _node_args(node) if isinstance(a.meta.get("val"), torch.Tensor)]
     dependent = [a for a in tensor_args if a.meta.get("dp_layout") is AGG]
     if node.target in (aten.add.Tensor, aten.sub.Tensor):
-        ok = ok and len(dependent) == len(tensor_args)
+        free = [a for a in tensor_args if a.meta.get("dp_layout") is FREE]
+        if free:
+            raise _sample_free(name, free[0])
     elif node.target in (aten.mul.Tensor, aten.mm.default):
         ok = ok and len(dependent) == 1
     elif node.target is aten.div.Tensor:

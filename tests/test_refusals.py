@@ -1,0 +1,161 @@
+"""Everything dpcompile cannot prove per-sample correct is refused with an actionable error."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dpcompile
+from dpcompile import DPCompileError
+
+
+def run_private(model, x, **options):
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0, **options})
+    out = compiled(x)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum(o.float().pow(2).mean() for o in outs).backward()
+
+
+def refusal(model, x, **options) -> str:
+    with pytest.raises(Exception) as info:
+        run_private(model, x, **options)
+    text = str(info.value)
+    assert "dpcompile" in text, text
+    return text
+
+
+def test_batchnorm_in_training_is_refused_with_the_fix():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    text = refusal(model, torch.randn(4, 3, 4, 4))
+    assert "BatchNorm" in text and "GroupNorm" in text
+    assert "1 (BatchNorm2d)" in text  # names the module
+    assert "test_refusals.py" not in text or "line" in text
+
+
+def test_batchnorm_in_eval_mode_is_accepted():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model[1].eval()
+    run_private(model, torch.randn(5, 3))
+    assert model[0].weight.grad is not None
+
+
+class BatchCentering(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h - h.mean(0, keepdim=True)  # every sample sees the batch mean
+
+
+def test_reduction_over_the_batch_feeding_samples_is_refused():
+    text = refusal(BatchCentering(), torch.randn(6, 4))
+    assert "aggregated over the batch" in text
+    assert "h - h.mean(0, keepdim=True)" in text  # the source line
+
+
+class SoftmaxOverBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.softmax(self.fc(x), dim=0)
+
+
+def test_softmax_across_samples_is_refused():
+    text = refusal(SoftmaxOverBatch(), torch.randn(6, 4))
+    assert "F.softmax(self.fc(x), dim=0)" in text  # (decomposed into amax/sub/exp/sum over dim 0)
+
+
+class CrossSampleIndex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h + h.flip(0)  # sample i mixed with sample B-1-i
+
+
+def test_flip_across_the_batch_is_refused():
+    text = refusal(CrossSampleIndex(), torch.randn(6, 4))
+    assert "batch dimension" in text
+
+
+class UnknownOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        values, _ = torch.cummax(self.fc(x), dim=1)
+        return values
+
+
+def test_op_without_a_rule_is_refused():
+    text = refusal(UnknownOp(), torch.randn(6, 4))
+    assert "cummax" in text and "no batch-dimension rule" in text
+
+
+class Regularised(nn.Module):
+    """Returns a penalty on its weights beside the predictions: that gradient has no sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x), self.fc.weight.pow(2).sum()
+
+
+def test_sample_free_gradient_term_is_refused():
+    text = refusal(Regularised(), torch.randn(5, 4))
+    assert "does not come from any sample" in text and "fc.weight" in text
+
+
+def test_embedding_scale_grad_by_freq_is_refused():
+    model = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2))
+    text = refusal(model, torch.randint(0, 10, (5, 3)), strategy="instantiate")
+    assert "scale_grad_by_freq" in text
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_grad_norm": -1.0}, "max_grad_norm"),
+    ({"noise_multiplier": -0.5}, "noise_multiplier"),
+    ({"sample_rate": 1.5}, "sample_rate"),
+    ({"loss_reduction": "avg"}, "loss_reduction"),
+    ({"clipping": "per_layer"}, "clipping"),
+    ({"strategy": "fast"}, "strategy"),
+    ({"max_grad_nrom": 1.0}, "unknown dp backend option"),
+])
+def test_invalid_options_are_rejected(options, message):
+    with pytest.raises(Exception) as info:
+        run_private(nn.Linear(3, 2), torch.randn(4, 3), **options)
+    assert message in str(info.value)
+
+
+class NaNModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x).sqrt()  # negative outputs -> NaN gradients
+
+
+def test_non_finite_per_sample_norm_raises_and_releases_nothing():
+    torch.manual_seed(0)
+    model = NaNModel()
+    with pytest.raises(DPCompileError, match="NaN/inf"):
+        run_private(model, torch.randn(8, 3))
+    assert model.fc.weight.grad is None
+
+
+def test_privacy_spent_needs_a_sample_rate():
+    model = nn.Linear(3, 2)
+    run_private(model, torch.randn(4, 3), noise_multiplier=1.0)
+    with pytest.raises(DPCompileError, match="sample_rate"):
+        dpcompile.privacy_spent(model, delta=1e-5)
