@@ -82,7 +82,7 @@ class DPOptimizer:
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
         gen = torch.Generator(device=params[0].device)
         from .state import stream_seed
-        gen.manual_seed(stream_seed(self.state.seed, self.state.steps, -2))
+        gen.manual_seed(stream_seed(self.state.seed, self.state.steps, "empty-batch"))
         std = opts.noise_multiplier * opts.max_grad_norm
         for p in params:
             p.grad = (std * torch.randn(p.shape, generator=gen, device=p.device) / opts.expected_batch_size).to(p.dtype)

@@ -35,7 +35,7 @@ class PrivateBackward:
         if not self.ctx.runtime_inputs:
             return []
         state = self.state
-        noise = state.noise(self.ctx.graph_id, self.ctx.runtime_inputs["dp_noise"][0], device)
+        noise = state.noise(self.ctx.noise_key, self.ctx.runtime_inputs["dp_noise"][0], device)
         scalars = torch.tensor([state.noise_std, state.options.expected_batch_size or 0.0],
                                dtype=torch.float32).to(device, non_blocking=True)
         return [noise, scalars]

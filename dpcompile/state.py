@@ -41,15 +41,15 @@ class PrivacyState:
     def noise_std(self) -> float:
         return self.options.noise_multiplier * self.options.max_grad_norm if self.release_next else 0.0
 
-    def noise(self, graph_id: int, numel: int, device: torch.device) -> torch.Tensor:
-        """N(0, 1) draws for one graph at the current step: a pure function of (seed, step, graph)."""
+    def noise(self, stream: str, numel: int, device: torch.device) -> torch.Tensor:
+        """N(0, 1) draws for one graph at the current step: a pure function of (seed, step, stream)."""
         if self.noise_std == 0.0:
             key = (numel, str(device))
             if key not in self._zeros:
                 self._zeros[key] = torch.zeros(numel, device=device)
             return self._zeros[key]
         gen = torch.Generator(device=device)
-        gen.manual_seed(stream_seed(self.seed, self.steps, graph_id))
+        gen.manual_seed(stream_seed(self.seed, self.steps, stream))
         return torch.randn(numel, generator=gen, device=device)
 
     # -- one release per backward pass, however many graphs it runs ------------------
@@ -93,8 +93,8 @@ class PrivacyState:
         device = total.device
         scalars = torch.tensor([self.noise_std, opts.expected_batch_size or 0.0], device=device)
         gen = torch.Generator(device=device)
-        gen.manual_seed(stream_seed(self.seed, self.steps, -1))
-        for ctx, _, per_sample_grads in sorted(pending, key=lambda item: item[0].graph_id):
+        gen.manual_seed(stream_seed(self.seed, self.steps, "deferred"))
+        for ctx, _, per_sample_grads in sorted(pending, key=lambda item: item[0].noise_key):
             for position, ps in zip(ctx.plan["deferred_positions"], per_sample_grads):
                 param = ctx.params[position]
                 clipped = weighted_sum(weights, ps)
@@ -152,8 +152,8 @@ class PrivacyState:
         self.accountant.load_state_dict(state["accountant"])
 
 
-def stream_seed(seed: int, step: int, graph_id: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{step}:{graph_id}".encode(), digest_size=8).digest()
+def stream_seed(seed: int, step: int, stream: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

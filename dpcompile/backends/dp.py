@@ -62,16 +62,20 @@ def aot_decompositions() -> dict:
 # ----------------------------------------------------------------------------- state
 
 def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacyState:
+    """One state per torch.compile call (its options dict), shared by all its graphs.
+
+    Without options, graphs of the same parameters share the state already attached to them.
+    """
     params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-    key = id(options) if options is not None else None
-    state = _states_by_options.get(key) if key is not None else None
-    if state is None:
+    if options is not None:
+        state = _states_by_options.get(id(options))
+    else:
         state = next((getattr(p, STATE_ATTR) for p in params if hasattr(p, STATE_ATTR)), None)
     if state is None:
         state = PrivacyState(DPOptions.from_dict(options))
-        state.options_dict = options  # keeps id(options) unique while the state lives
-        if key is not None:
-            _states_by_options[key] = state
+        if options is not None:
+            state.options_dict = options  # keeps id(options) unique while the state lives
+            _states_by_options[id(options)] = state
     for p in params:
         setattr(p, STATE_ATTR, state)
     return state

@@ -45,6 +45,12 @@ class CompileContext:
     runtime_inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # extra backward inputs: shape
     extra_outputs: list[str] = dataclasses.field(default_factory=list)  # extra backward outputs
 
+    @property
+    def noise_key(self) -> str:
+        """Names the graph's noise stream: the same for recompiles of the same region, so a
+        resumed run (or a recompile for a new batch size) draws the same noise at the same step."""
+        return ",".join(sorted(self.param_names.values()))
+
 
 Pass = Callable[[fx.GraphModule, CompileContext], PassRecord]
 

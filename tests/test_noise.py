@@ -1,0 +1,98 @@
+"""Noise: right distribution and scale, exactly once per step, reproducible from the seed."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from scipy import stats
+
+import dpcompile
+
+SIGMA, R, EBS = 1.3, 0.7, 4.0
+
+
+def private_grads(model, x, y, **options):
+    torch._dynamo.reset()
+    opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "seed": 1234, **options}
+    compiled = torch.compile(model, backend="dp", options=opts)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(compiled(x), y).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]), dpcompile.privacy_state(model)
+
+
+def setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 60), nn.ReLU(), nn.Linear(60, 30))
+    return model, torch.randn(6, 40), torch.randint(0, 30, (6,))
+
+
+def test_noise_is_gaussian_with_std_sigma_r_over_batch():
+    model, x, y = setup()
+    clean, _ = private_grads(model, x, y, noise_multiplier=0.0)
+    noisy, state = private_grads(model, x, y)
+    z = ((noisy - clean) * EBS / (SIGMA * R)).double()
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / n**0.5
+    assert abs(float(z.var()) - 1) < 5 * (2 / n) ** 0.5
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-4
+    assert state.steps == 1
+
+
+def test_divisor_defaults_to_the_actual_batch_size():
+    model, x, y = setup()
+    clean, _ = private_grads(model, x, y, noise_multiplier=0.0, expected_batch_size=None)
+    noisy, _ = private_grads(model, x, y, expected_batch_size=None)
+    z = (noisy - clean) * x.shape[0] / (SIGMA * R)
+    assert abs(float(z.std()) - 1) < 0.1
+
+
+def test_same_seed_same_noise_and_new_noise_every_step():
+    model, x, y = setup()
+    first, _ = private_grads(model, x, y)
+    again, _ = private_grads(model, x, y)
+    other_seed, _ = private_grads(model, x, y, seed=99)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other_seed)
+
+
+def test_each_step_draws_fresh_noise():
+    model, x, y = setup()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="dp", options={"max_grad_norm": R, "noise_multiplier": SIGMA, "seed": 3})
+    steps = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        steps.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert dpcompile.privacy_state(model).steps == 2
+    noise_difference = (steps[0] - steps[1]) * x.shape[0] / (SIGMA * R)  # clipped parts cancel
+    assert abs(float(noise_difference.std()) - 2**0.5) < 0.15
+
+
+def test_checkpoint_resume_gives_bit_identical_noise():
+    model, x, y = setup()
+    torch._dynamo.reset()
+    opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "seed": 7, "sample_rate": 0.01}
+    compiled = torch.compile(model, backend="dp", options=opts)
+    grads, saved = [], None
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        if step == 1:
+            saved = dpcompile.privacy_state(model).state_dict()
+    eps = dpcompile.privacy_spent(model, 1e-5)
+
+    torch._dynamo.reset()  # "a new process": fresh compile, state restored from the checkpoint
+    opts2 = dict(opts, seed=12345)
+    resumed = torch.compile(model, backend="dp", options=opts2)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(resumed(x), y).backward()  # compiles, creates the state (step 2 noise, wrong seed)
+    state = dpcompile.privacy_state(model)
+    state.load_state_dict(saved)
+    for step in (2, 3):
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(resumed(x), y).backward()
+        assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), grads[step])
+    assert dpcompile.privacy_spent(model, 1e-5) == eps
+
+
