@@ -132,8 +132,9 @@ def batch_loss(output, target, reduction="mean"):
 
 def oracle_clipped_sum(model, x, y, max_grad_norm, clipping="flat", gamma=0.01):
     """Σ_i C_i g_i in float64 from torch.func per-sample gradients, with the per-sample norms."""
-    params = {k: v.detach().double() for k, v in model.named_parameters()}
-    model64 = _double_copy(model)
+    model64 = _double_copy(model).cpu()
+    params = {k: v.detach() for k, v in model64.named_parameters()}
+    x, y = x.cpu(), y.cpu()
 
     def loss(p, xi, yi):
         return sample_loss(functional_call(model64, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))

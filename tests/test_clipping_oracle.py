@@ -1,6 +1,8 @@
 """Compiled clipped sums against the float64 torch.func oracle, on fresh random inputs."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -8,6 +10,10 @@ import dpcompile
 from models import CNN, MLP, BreakNet, Conv1dNet, TinyGPT, batch_loss, oracle_clipped_sum
 
 TOL = 1e-5
+# The same tests run on a GPU with DPCOMPILE_TEST_DEVICE=cuda (float32 matmuls: TF32 off).
+DEVICE = os.environ.get("DPCOMPILE_TEST_DEVICE", "cpu")
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 
 def fresh_seed() -> int:
@@ -17,10 +23,12 @@ def fresh_seed() -> int:
 def compiled_clipped_sum(model, x, y, reduction="mean", **options):
     """p.grad after one private backward with noise off, rescaled to the clipped sum Σ C_i g_i."""
     options = {"noise_multiplier": 0.0, "loss_reduction": reduction, **options}
+    model.to(DEVICE)
+    x, y = x.to(DEVICE), y.to(DEVICE)
     compiled = torch.compile(model, backend="dp", options=options)
     model.zero_grad(set_to_none=True)
     batch_loss(compiled(x), y, reduction).backward()
-    return {k: p.grad.double() * x.shape[0] for k, p in model.named_parameters()}
+    return {k: p.grad.double().cpu() * x.shape[0] for k, p in model.named_parameters()}
 
 
 def assert_close(got, want, seed):
@@ -51,7 +59,7 @@ def test_clipped_sum_matches_oracle(name, strategy):
     assert (norms > R).all()
     assert_close(got, want, seed)
     state = dpcompile.privacy_state(model)
-    assert torch.allclose(state.last_sample_norms.double(), norms, rtol=1e-4)
+    assert torch.allclose(state.last_sample_norms.double().cpu(), norms, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt_tied"])

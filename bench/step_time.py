@@ -1,0 +1,193 @@
+"""Training-step time and peak memory, side by side in one process:
+non-private eager, non-private torch.compile (Inductor), Opacus (if installed) and dpcompile.
+
+    python bench/step_time.py --model gpt2 --batch 8 --seq 1024 --dtype bf16
+    python bench/step_time.py --model gpt2 --layers 2 --seq 128 --batch 4 --device cpu   # smoke run
+
+Prints one row per mode (ms/step, tokens/s, peak GiB, ratio to non-private compile) and
+writes the table as JSON to --out if given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.fc_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """GPT-2-small-style: nn.Linear / LayerNorm / Embedding, SDPA attention."""
+
+    def __init__(self, vocab=50257, ctx=1024, d=768, heads=12, layers=12, tied=False):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def make_model(args):
+    torch.manual_seed(0)
+    return GPT(vocab=args.vocab, ctx=args.seq, d=args.width, heads=args.width // 64, layers=args.layers,
+               tied=args.tied).to(args.device)
+
+
+def time_steps(step, args) -> tuple[float, float]:
+    for _ in range(args.warmup):
+        step()
+    sync(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(args.device)
+    ms = (time.perf_counter() - start) / args.steps * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    return ms, peak
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def runner(model, args, opt=None):
+    opt = opt or torch.optim.SGD(model.parameters() if not hasattr(model, "_orig_mod") else
+                                 model._orig_mod.parameters(), lr=1e-4)
+    g = torch.Generator(device=args.device).manual_seed(0)
+    idx = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
+    target = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            logits = model(idx)
+            loss = F.cross_entropy(logits.reshape(-1, args.vocab).float(), target.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_eager(args):
+    return runner(make_model(args), args)
+
+
+def bench_compile(args):
+    return runner(torch.compile(make_model(args)), args)
+
+
+def bench_dpcompile(args, strategy):
+    net = make_model(args)
+    opts = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 0.01, "strategy": strategy,
+            "memory_budget_mb": args.memory_budget_mb, "check_finite": False}
+    model = torch.compile(net, backend="dp", options=opts)
+    return runner(model, args, torch.optim.SGD(net.parameters(), lr=1e-4))
+
+
+def bench_opacus(args):
+    """Opacus per-sample-gradient hooks (optional dependency)."""
+    from opacus import PrivacyEngine
+
+    net = make_model(args)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    data = torch.utils.data.TensorDataset(torch.zeros(args.batch * 4, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch)
+    model, opt, _ = PrivacyEngine().make_private(module=net, optimizer=opt, data_loader=loader,
+                                                 noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    return runner(model, args, opt)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--tied", action="store_true")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--memory-budget-mb", type=float, default=256.0)
+    p.add_argument("--modes", default="eager,compile,dp-auto,dp-ghost,dp-instantiate,opacus-hooks")
+    p.add_argument("--out")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    builders = {
+        "eager": lambda: bench_eager(args),
+        "compile": lambda: bench_compile(args),
+        "dp-auto": lambda: bench_dpcompile(args, "auto"),
+        "dp-ghost": lambda: bench_dpcompile(args, "ghost"),
+        "dp-instantiate": lambda: bench_dpcompile(args, "instantiate"),
+        "opacus-hooks": lambda: bench_opacus(args),
+    }
+    rows = []
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            t0 = time.perf_counter()
+            step = builders[mode]()
+            step()  # compile
+            sync(args.device)
+            compile_s = time.perf_counter() - t0
+            ms, peak = time_steps(step, args)
+            rows.append({"mode": mode, "ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
+                         "peak_gib": peak, "first_step_s": compile_s})
+        except Exception as e:  # report and continue: one failing engine must not hide the others
+            rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r["ms"] for r in rows if r.get("mode") == "compile" and "ms" in r), None)
+    print(f"\n{args.device} {args.dtype} B={args.batch} T={args.seq} layers={args.layers} d={args.width} "
+          f"V={args.vocab} tied={args.tied}")
+    print(f"{'mode':16s} {'ms/step':>9s} {'tok/s':>10s} {'peak GiB':>9s} {'vs compile':>10s} {'1st step s':>10s}")
+    for r in rows:
+        if "ms" in r:
+            ratio = f"{base / r['ms']:.2f}" if base else "-"
+            print(f"{r['mode']:16s} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {ratio:>10s} "
+                  f"{r['first_step_s']:10.1f}")
+        else:
+            print(f"{r['mode']:16s} {r['error']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

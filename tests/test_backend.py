@@ -1,0 +1,53 @@
+"""The backend is reachable by name after `pip install`, and compiles once per region."""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dpcompile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dp_backend_is_registered_through_the_entry_point():
+    names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
+    assert names.get("dp") == "dpcompile.backends.dp:dp_backend"
+    assert "dp" in torch._dynamo.list_backends()
+
+
+def test_variable_batch_sizes_compile_at_most_twice():
+    """Static first compile, then one symbolic-batch compile serves every later size."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})
+    for b in [8, 5, 11, 3, 17, 9, 4]:
+        F.cross_entropy(model(torch.randn(b, 6)), torch.randint(0, 3, (b,))).backward()
+    state = dpcompile.privacy_state(net)
+    assert len(state.compiled) == 2
+    assert state.compiled[1].batch_size.free_symbols  # the second compile is symbolic in B
+    assert state.steps == 7
+
+
+def test_inspection_records_every_pass():
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})
+    F.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 3, (4,))).backward()
+    ctx = dpcompile.privacy_state(net).compiled[0]
+    names = [(r.graph, r.name) for r in ctx.records]
+    assert names == [("forward", "batch_dim"), ("backward", "batch_dim"), ("backward", "param_grads"),
+                     ("backward", "book_keeping"), ("backward", "noise")]
+    table = next(r for r in ctx.records if r.name == "book_keeping").table
+    assert {row["param"] for row in table} == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert all(row["strategy"] in ("ghost", "instantiate") and row["flops"] > 0 for row in table)
+    assert next(r for r in ctx.records if r.name == "noise").added  # noise nodes were inserted
+
+
+def test_ci_runs_the_test_command_written_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line.strip() for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
+    assert command in readme
