@@ -136,3 +136,21 @@ def test_graph_break_clips_with_the_global_norm():
     state = dpcompile.privacy_state(model)
     assert len(state.compiled) == 2 and all(ctx.deferred for ctx in state.compiled)
     assert state.steps == 1  # one release for the whole backward, not one per graph
+
+
+def test_bf16_autocast_matches_oracle_to_bf16_precision():
+    """Under autocast the weight-gradient sites run in bf16 and are cast to the fp32 parameters."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = TinyGPT()
+    x, y = TinyGPT.batch(4)
+    model.to(DEVICE)
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0, "max_grad_norm": 0.05})
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = compiled(x.to(DEVICE))
+    batch_loss(out.float().cpu(), y).backward()
+    want, norms = oracle_clipped_sum(model, x, y, 0.05)
+    assert (norms > 0.05).all()
+    got = torch.cat([p.grad.double().cpu().flatten() * 4 for p in model.parameters()])
+    ref = torch.cat([want[k].flatten() for k, _ in model.named_parameters()])
+    assert float((got - ref).norm() / ref.norm()) < 3e-2, f"seed {seed}"

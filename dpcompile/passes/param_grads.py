@@ -42,6 +42,7 @@ SHAPE_OPS = {
     aten.t.default, aten.transpose.int, aten.clone.default, aten.alias.default,
     aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
     aten.contiguous.default, aten._to_copy.default, aten.expand.default,
+    torch.ops.prims.convert_element_type.default,  # autocast: bf16 site, fp32 parameter
 }
 LINEAR_OPS = SHAPE_OPS | {
     aten.sum.dim_IntList, aten.sum.default, aten.neg.default, aten.cat.default, aten.slice.Tensor,
