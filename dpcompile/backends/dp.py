@@ -26,7 +26,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ..errors import DPCompileError
 from ..options import DPOptions
 from ..passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
-from ..passes.base import CompileContext, to_expr
+from ..passes.base import CompileContext, node_shape, to_expr
 from ..state import STATE_ATTR, PrivacyState
 from ..runtime import PrivateBackward
 
@@ -161,7 +161,8 @@ def _tangent_layouts(fw_gm: fx.GraphModule) -> list[Any]:
     outputs = list(fw_gm.graph.output_node().args[0])
     start = meta.num_mutated_inp_runtime_indices
     user = outputs[start:start + len(meta.output_info)]
-    return [node.meta.get("dp_layout") for node, info in zip(user, meta.output_info) if info.requires_grad]
+    return [(node.meta.get("dp_layout"), node_shape(node))
+            for node, info in zip(user, meta.output_info) if info.requires_grad]
 
 
 def _decompose(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileContext):

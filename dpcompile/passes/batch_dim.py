@@ -101,7 +101,11 @@ def _placeholder_layouts(placeholders: list[fx.Node], ctx: CompileContext, which
             f"{len(ctx.tangent_layouts)} differentiable outputs; models that mutate their "
             "inputs in place are not supported"
         )
-    for p, layout in zip(tangents, ctx.tangent_layouts):
+    for p, (layout, shape) in zip(tangents, ctx.tangent_layouts):
+        if layout is None or node_shape(p) != shape:
+            raise DPCompileError(
+                f"dpcompile: cannot match backward input {p.name} (shape {node_shape(p)}) to a forward output "
+                f"(shape {shape}); refusing rather than guessing which samples it holds")
         layouts[p.name] = layout
     for p in placeholders:
         if p.name in layouts:
