@@ -283,12 +283,21 @@ def _along_dim(node: fx.Node) -> Any:
 
 
 def _multi(node: fx.Node, lay: Any) -> Any:
-    """Same layout for each tensor output of a (possibly multi-output) node."""
+    """Same layout for each tensor output of a (possibly multi-output) node.
+
+    An output too small to hold the batch dim is marked AGG (not FREE): it may still
+    depend on the samples, and AGG values are refused wherever they meet per-sample ones.
+    """
     val = node.meta.get("val")
     if isinstance(val, (list, tuple)):
-        return tuple(lay if isinstance(v, torch.Tensor) and v.dim() > lay.dim else FREE for v in val) \
+        return tuple(lay if isinstance(v, torch.Tensor) and v.dim() > lay.dim else AGG for v in val) \
             if isinstance(lay, Batched) else tuple(lay for _ in val)
     return lay
+
+
+def _dim_arg(node: fx.Node) -> int:
+    """The op's `dim` argument, normalized against its first input's rank."""
+    return _kwargs(node).get("dim", 0) % max(_ndim(node.args[0]), 1)
 
 
 def _reduction(node: fx.Node) -> Any:
@@ -311,7 +320,7 @@ def _select_or_slice(node: fx.Node) -> Any:
     if not isinstance(lay, Batched):
         return lay
     kw = _kwargs(node)
-    dim = kw.get("dim", 0) % _ndim(node.args[0])
+    dim = _dim_arg(node)
     if dim == lay.dim:
         in_shape, out_shape = node_shape(node.args[0]), node_shape(node)
         if node.target is aten.slice.Tensor and in_shape == out_shape and kw.get("step", 1) == 1:
@@ -327,8 +336,7 @@ def _split(node: fx.Node) -> Any:
     lay = layout_of(node.args[0])
     if not isinstance(lay, Batched):
         return _multi(node, lay)
-    kw = _kwargs(node)
-    dim = kw.get("dim", 0) % _ndim(node.args[0])
+    dim = _dim_arg(node)
     if dim == lay.dim:
         raise _mix(node, "splits the batch dimension")
     if node.target is aten.unbind.int and dim < lay.dim:
