@@ -159,3 +159,41 @@ def test_privacy_spent_needs_a_sample_rate():
     run_private(model, torch.randn(4, 3), noise_multiplier=1.0)
     with pytest.raises(DPCompileError, match="sample_rate"):
         dpcompile.privacy_spent(model, delta=1e-5)
+
+
+class PickOwnRow(nn.Module):
+    """h[arange(B), k]: every sample reads its own row (how HF builds padding masks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.fc(x).view(x.shape[0], 3, 2)
+        return h[torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.long)]
+
+
+class PickOtherRow(PickOwnRow):
+    def forward(self, x):
+        h = self.fc(x).view(x.shape[0], 3, 2)
+        return h[torch.arange(x.shape[0]).flip(0), torch.zeros(x.shape[0], dtype=torch.long)]
+
+
+def test_indexing_the_batch_with_sample_ids_is_accepted_and_exact():
+    import sys, os
+    sys.path.insert(0, os.path.dirname(__file__))
+    from models import oracle_clipped_sum
+
+    torch.manual_seed(0)
+    model = PickOwnRow()
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0, "max_grad_norm": 0.1})
+    F.cross_entropy(compiled(x), y).backward()
+    want, _ = oracle_clipped_sum(model, x, y, 0.1)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double() * 5, want[name], rtol=1e-5, atol=1e-7)
+
+
+def test_indexing_the_batch_with_other_rows_is_refused():
+    text = refusal(PickOtherRow(), torch.randn(5, 4))
+    assert "advanced indexing" in text

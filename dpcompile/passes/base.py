@@ -37,6 +37,7 @@ class CompileContext:
     batch_size: sympy.Expr | None = None  # B, an Integer (static) or symbol expression (dynamic)
     batch_hint: int | None = None  # B of the example inputs (for cost decisions when B is symbolic)
     forward_layouts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    forward_sample_ids: dict[str, Any] = dataclasses.field(default_factory=dict)  # see batch_dim.SAMPLE_IDS
     tangent_layouts: list[Any] = dataclasses.field(default_factory=list)
     plan: dict[str, Any] = dataclasses.field(default_factory=dict)  # filled by the backward passes
     records: list[PassRecord] = dataclasses.field(default_factory=list)

@@ -74,14 +74,19 @@ def propagate(graph: fx.Graph, ctx: CompileContext, which: str) -> None:
     for node in graph.nodes:
         if node.op == "placeholder":
             node.meta["dp_layout"] = start[node.name]
+            if which == "backward" and node.name in ctx.forward_sample_ids:
+                node.meta[SAMPLE_IDS] = ctx.forward_sample_ids[node.name]
         elif node.op == "call_function":
             node.meta["dp_layout"] = _infer(node, ctx)
+            if node.meta["dp_layout"] is FREE:
+                _track_sample_ids(node, ctx)
         elif node.op == "output":
             continue
         else:
             raise DPCompileError(f"dpcompile: unexpected {node.op} node {node.name} in an aot graph")
     if which == "forward":
         ctx.forward_layouts = {n.name: n.meta["dp_layout"] for n in graph.nodes if "dp_layout" in n.meta}
+        ctx.forward_sample_ids = {n.name: n.meta[SAMPLE_IDS] for n in graph.nodes if SAMPLE_IDS in n.meta}
 
 
 def _placeholder_layouts(placeholders: list[fx.Node], ctx: CompileContext, which: str) -> dict[str, Any]:
@@ -332,6 +337,27 @@ def _select_or_slice(node: fx.Node) -> Any:
     return lay
 
 
+def _scatter_into(node: fx.Node) -> Any:
+    """slice_scatter / select_scatter (backward of slicing): `src` written into `input` along `dim`."""
+    base, src = node.args[0], node.args[1]
+    dim = _dim_arg(node)
+    lays = []
+    if isinstance(layout_of(base), Batched):
+        lays.append(layout_of(base))
+    ls = layout_of(src)
+    if isinstance(ls, Batched):
+        selected = node.target is aten.select_scatter.default
+        lays.append(ls.at(ls.dim + 1) if selected and dim <= ls.dim else ls)
+    if not lays:
+        return _free_or_agg(node)
+    if AGG in (layout_of(base), ls):
+        raise _mix(node, "writes aggregated values into per-sample values")
+    lay = _same_layout(node, lays)
+    if dim == lay.dim and node_shape(base) != node_shape(src):
+        raise _mix(node, "writes into part of the batch dimension")
+    return lay
+
+
 def _split(node: fx.Node) -> Any:
     lay = layout_of(node.args[0])
     if not isinstance(lay, Batched):
@@ -532,6 +558,74 @@ def _factory(node: fx.Node) -> Any:
     return FREE
 
 
+# Sample ids: a sample-free 0..B-1 range. Hugging Face builds attention masks as
+# mask[arange(B)[:, None, None], kv_idx]; indexing the batch dim with sample ids keeps
+# every sample's row in place, any other batch index would move rows between samples.
+SAMPLE_IDS = "dp_sample_ids"
+_ID_SHAPE_OPS = ("view", "_unsafe_view", "reshape", "unsqueeze", "expand", "permute", "clone", "_to_copy", "alias")
+
+
+def _track_sample_ids(node: fx.Node, ctx: CompileContext) -> None:
+    """Record in meta[SAMPLE_IDS] the dim along which a sample-free tensor holds 0..B-1."""
+    packet = getattr(node.target, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    if name in ("iota", "arange") and _is_batch_range(node, ctx):
+        node.meta[SAMPLE_IDS] = Batched(0)
+    elif name in _ID_SHAPE_OPS and isinstance(node.args[0], fx.Node) and SAMPLE_IDS in node.args[0].meta:
+        src = node.args[0]
+        saved, src.meta["dp_layout"] = src.meta["dp_layout"], src.meta[SAMPLE_IDS]
+        try:
+            ids = RULES[packet](node)
+        finally:
+            src.meta["dp_layout"] = saved
+        if isinstance(ids, Batched) and ids.outer == ids.inner == 1:
+            node.meta[SAMPLE_IDS] = ids
+
+
+def _is_batch_range(node: fx.Node, ctx: CompileContext) -> bool:
+    shape = node_shape(node)
+    if shape is None or len(shape) != 1 or sympy.simplify(shape[0] - ctx.batch_size) != 0:
+        return False
+    kw = dict(node.kwargs)
+    if node.target.overloadpacket.__name__ == "iota":
+        return kw.get("start", 0) == 0 and kw.get("step", 1) == 1
+    start = node.args[0] if len(node.args) > 1 else 0
+    step = node.args[2] if len(node.args) > 2 else 1
+    return start == 0 and step == 1
+
+
+def _index(node: fx.Node) -> Any:
+    """x[i_0, ..., i_k] with tensor indices: allowed when the batch dim is indexed by sample ids."""
+    x, indices = node.args[0], list(node.args[1])
+    lx = layout_of(x)
+    if not _batched_args(node):
+        return _free_or_agg(node)
+    if (isinstance(lx, Batched) and lx.outer == lx.inner == 1 and lx.dim < len(indices)
+            and all(isinstance(i, fx.Node) for i in indices)):
+        ids = indices[lx.dim]
+        others = [i for k, i in enumerate(indices) if k != lx.dim]
+        if SAMPLE_IDS in ids.meta and all(layout_of(i) is FREE for i in others):
+            rank = max(i.meta["val"].dim() for i in indices)
+            return Batched(ids.meta[SAMPLE_IDS].dim + rank - ids.meta["val"].dim())
+    return _refuse_index(node)
+
+
+def _index_put(node: fx.Node) -> Any:
+    """The backward of _index: values written back to the rows named by sample ids."""
+    base, indices, values = node.args[0], list(node.args[1]), node.args[2]
+    lb, lv = layout_of(base), layout_of(values)
+    if not _batched_args(node):
+        return _free_or_agg(node)
+    for d, ids in enumerate(indices):
+        if isinstance(ids, fx.Node) and SAMPLE_IDS in ids.meta and all(isinstance(i, fx.Node) for i in indices):
+            rank = max(i.meta["val"].dim() for i in indices)
+            expected = Batched(ids.meta[SAMPLE_IDS].dim + rank - ids.meta["val"].dim())
+            others_free = all(layout_of(i) is FREE for k, i in enumerate(indices) if k != d)
+            if lv == expected and lb in (FREE, Batched(d)) and others_free:
+                return Batched(d)
+    return _refuse_index(node)
+
+
 def _refuse_index(node: fx.Node) -> Any:
     if not _batched_args(node):
         return _free_or_agg(node)
@@ -570,6 +664,7 @@ _register(_along_dim, "_softmax", "_log_softmax", "softmax", "log_softmax", "_so
 _register(_reduction, "sum", "mean", "amax", "amin", "max", "min", "argmax", "argmin", "prod", "var", "std",
           "var_mean", "std_mean", "logsumexp", "linalg_vector_norm", "any", "all", "norm")
 _register(_select_or_slice, "select", "slice", "narrow")
+_register(_scatter_into, "slice_scatter", "select_scatter")
 _register(_split, "split", "split_with_sizes", "unbind", "chunk", "unsafe_split", "tensor_split")
 _register(_cat, "cat", "stack")
 _register(_index_select, "index_select")
@@ -600,7 +695,9 @@ _register(_factory, "full", "zeros", "ones", "empty", "empty_strided", "arange",
           "zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_full", "new_empty", "rand_like",
           "randn_like", "bernoulli", "rand", "randn", "randint", "randint_like", "iota", "sym_size", "sym_numel",
           "sym_stride", "sym_storage_offset", "_local_scalar_dense", "detach_copy")
-_register(_refuse_index, "index", "_unsafe_index", "index_put", "_unsafe_index_put", "masked_select", "nonzero")
+_register(_index, "index", "_unsafe_index")
+_register(_index_put, "index_put", "_unsafe_index_put")
+_register(_refuse_index, "masked_select", "nonzero")
 _register(_pointwise, "where", "masked_fill", "clamp", "clamp_min", "clamp_max", "lerp", "addcmul", "addcdiv",
           "threshold_backward", "gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
           "hardtanh_backward", "leaky_relu_backward", "elu_backward", "softplus_backward", "mish_backward",

@@ -130,9 +130,20 @@ def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
 
 
 def _ghostable_embedding(site: Site) -> bool:
+    grad = site.node.args[0]
+    lg = grad.meta["dp_layout"]
+    return isinstance(lg, Batched) and lg.dim < grad.meta["val"].dim() - 1 and _index_layout(site) is not None
+
+
+def _index_layout(site: Site) -> tuple | None:
+    """How to split an embedding's indices per sample: their own layout, or, for sample-free
+    indices with one index per gradient row (e.g. expanded token-type ids), the gradient's."""
     grad, indices = site.node.args[0], site.node.args[1]
-    lg, li = grad.meta["dp_layout"], indices.meta.get("dp_layout")
-    return isinstance(lg, Batched) and isinstance(li, Batched) and lg.dim < grad.meta["val"].dim() - 1
+    if isinstance(indices.meta.get("dp_layout"), Batched):
+        return _layout(indices)
+    if node_shape(indices) == node_shape(grad)[:-1]:
+        return _layout(grad)
+    return None
 
 
 def _rows_per_sample(site: Site) -> int:
@@ -159,7 +170,7 @@ def _ghost(graph: fx.Graph, g: ParamGrad):
     else:
         grad, indices, _, padding_idx, scale_by_freq = site.node.args
         sq = graph.call_function(per_sample.ghost_sq_norm_embedding,
-                                 (grad, indices, _layout(grad), _layout(indices), padding_idx))
+                                 (grad, indices, _layout(grad), _index_layout(site), padding_idx))
 
     def finish(weights: fx.Node) -> fx.Node:
         # Re-run the site with its gradient input re-weighted per sample; post ops are linear.
@@ -207,7 +218,7 @@ def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
             raise DPCompileError(
                 f"dpcompile: {describe_node(node)} uses scale_grad_by_freq=True, which scales by counts over the "
                 "whole batch (mixing samples). Use nn.Embedding(..., scale_grad_by_freq=False).")
-        li = _layout(indices) if isinstance(indices.meta.get("dp_layout"), Batched) else None
+        li = _index_layout(site)
         return call(per_sample.instantiate_embedding, (grad, indices, _layout(grad), li, num_weights, padding_idx))
     if site.kind == "layer_norm":
         grad, x, normalized, mean, rstd = args[:5]
