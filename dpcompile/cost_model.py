@@ -43,17 +43,24 @@ def embedding(rows: int, dim: int, vocab: int) -> dict[str, Cost]:
     }
 
 
+def phantom(rows_in: int, rows_out: int, dim: int, vocab: int) -> dict[str, Cost]:
+    """Tied embedding: input ghost (S²), output ghost (T² over V+d), cross term (S·T)."""
+    S, T = sympy.Integer(rows_in), sympy.Integer(rows_out)
+    flops = B * (2 * S**2 * dim + 2 * T**2 * (vocab + dim) + 2 * S * T * dim + S * T)
+    return {"phantom": Cost(flops, B * (S**2 + 2 * T**2 + 2 * S * T)),
+            "instantiate": Cost(2 * B * (S + T) * vocab * dim, B * vocab * dim)}
+
+
 def generic(per_sample_numel: int, rows: int) -> dict[str, Cost]:
     """Sites with no ghost form: the per-sample gradient is materialized."""
     return {"instantiate": Cost(2 * B * rows * per_sample_numel + B * per_sample_numel, B * per_sample_numel)}
 
 
 def choose(costs: dict[str, Cost], batch: int, strategy: str, budget_bytes: float) -> str:
-    """Cheapest strategy in FLOPs whose memory fits the budget (ghost if nothing fits)."""
+    """Cheapest strategy in FLOPs whose memory fits the budget (least memory if none fits)."""
     if strategy != "auto" and strategy in costs:
         return strategy
-    if len(costs) == 1:
-        return next(iter(costs))
     fits = {k: c for k, c in costs.items() if c.at(batch)[1] <= budget_bytes}
-    pool = fits or {"ghost": costs["ghost"]}
-    return min(pool, key=lambda k: pool[k].at(batch)[0])
+    if not fits:
+        return min(costs, key=lambda k: costs[k].at(batch)[1])
+    return min(fits, key=lambda k: fits[k].at(batch)[0])

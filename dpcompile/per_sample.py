@@ -58,6 +58,24 @@ def ghost_sq_norm_embedding(grad: torch.Tensor, indices: torch.Tensor, lg: tuple
 # Per-sample gradients of each kind of summation site: (B, *site output shape). Written
 # with batched ops rather than vmap, whose fallbacks specialize on the batch size.
 
+def phantom_sq_norm(grad, indices, lg: tuple, li: tuple, padding_idx: int, a, b, la: tuple, lb: tuple,
+                    transposed: bool) -> torch.Tensor:
+    """‖G_in + G_out‖² of a tied embedding (see passes/phantom.py), no (V, d) tensor per sample."""
+    G = batch_front(grad, lg).float()
+    n_samples, d = G.shape[0], G.shape[-1]
+    G = G.reshape(n_samples, -1, d)  # (B, S, d): input-side gradient rows
+    idx = batch_front(indices, li).reshape(n_samples, -1)  # (B, S)
+    A, V = batch_front(a, la).float(), batch_front(b, lb).float()  # (B, n, T), (B, T, m)
+    U, W = (V.mT, A.mT) if transposed else (A, V)  # U (B, vocab, T), W (B, T, d)
+    Ux = torch.gather(U, 1, idx.unsqueeze(2).expand(-1, -1, U.shape[2]))  # u_t[x_s]: (B, S, T)
+    if padding_idx >= 0:
+        Ux = Ux * (idx != padding_idx).unsqueeze(2)
+    cross = (Ux * torch.bmm(G, W.mT)).sum((1, 2))
+    inner = ghost_sq_norm_embedding(grad, indices, lg, li, padding_idx)
+    outer = (torch.bmm(U.mT, U) * torch.bmm(W, W.mT)).sum((1, 2))
+    return inner + outer + 2 * cross
+
+
 def instantiate_linear(a: torch.Tensor, b: torch.Tensor, la: tuple, lb: tuple) -> torch.Tensor:
     """mm(a, b) split per sample: a (n, N) samples on dim 1, b (N, m) samples on dim 0."""
     return torch.bmm(batch_front(a, la), batch_front(b, lb))

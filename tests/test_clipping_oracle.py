@@ -154,3 +154,21 @@ def test_bf16_autocast_matches_oracle_to_bf16_precision():
     got = torch.cat([p.grad.double().cpu().flatten() * 4 for p in model.parameters()])
     ref = torch.cat([want[k].flatten() for k, _ in model.named_parameters()])
     assert float((got - ref).norm() / ref.norm()) < 3e-2, f"seed {seed}"
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_phantom_clipping_of_tied_embeddings(padding_idx):
+    """Tied input/output embedding: the phantom norm (with its cross term) is exact."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = TinyGPT(tied=True)
+    if padding_idx is not None:
+        model.wte.padding_idx = padding_idx
+    x, y = TinyGPT.batch(4)
+    x[:, -2:] = 0  # some padding tokens (plain token 0 when padding_idx is None)
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=0.05, strategy="auto")
+    want, _ = oracle_clipped_sum(model, x, y, 0.05)
+    assert_close(got, want, seed)
+    table = next(r for r in dpcompile.privacy_state(model).compiled[0].records if r.name == "book_keeping").table
+    row = next(r for r in table if r["param"] == "wte.weight")
+    assert row["strategy"] == "phantom" and row["kind"] == "shared(embedding+linear)"

@@ -4,12 +4,13 @@ Forward graphs are only analysed (where each tensor keeps its samples, and refus
 sample-mixing ops); backward graphs are rewritten, one pass after the other, before
 Inductor's decompositions.
 """
-from . import batch_dim, book_keeping, noise, param_grads
+from . import batch_dim, book_keeping, noise, param_grads, phantom
 
 FORWARD_PIPELINE = [("batch_dim", lambda gm, ctx: batch_dim.run(gm, ctx, "forward"))]
 BACKWARD_PIPELINE = [
     ("batch_dim", lambda gm, ctx: batch_dim.run(gm, ctx, "backward")),
     ("param_grads", param_grads.run),
+    ("phantom", phantom.run),
     ("book_keeping", book_keeping.run),
     ("noise", noise.run),
 ]

@@ -50,10 +50,12 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     with graph.inserting_before(out_node):
         for g in grads:
             costs = _costs(g, ctx.batch_size)
-            strategy = "instantiate" if ctx.deferred else cost_model.choose(
-                costs, batch, ctx.options.strategy, budget)
+            wanted = "phantom" if ctx.options.strategy == "ghost" and "phantom" in costs else ctx.options.strategy
+            strategy = "instantiate" if ctx.deferred else cost_model.choose(costs, batch, wanted, budget)
             if strategy == "ghost":
                 sq, finish = _ghost(graph, g)
+            elif strategy == "phantom":
+                sq, finish = _phantom(graph, g)
             else:
                 sq, finish, full = _instantiate(gm, g)
                 per_sample_grads.append(full)
@@ -116,6 +118,11 @@ def _batch_hint(ctx: CompileContext) -> int:
 def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
     numel = int(torch.Size(g.output.meta["val"].shape).numel())
     site = g.sites[0]
+    if g.phantom is not None:
+        emb, lin = g.phantom.embedding, g.phantom.linear
+        grad, la = emb.node.args[0], lin.node.args[0].meta["dp_layout"]
+        rows_in = int(sympy.Mul(*node_shape(grad)[:-1]) / batch_size)
+        return cost_model.phantom(rows_in, la.outer * la.inner, int(node_shape(grad)[-1]), int(emb.node.args[2]))
     if g.reshape_only and site.kind == "linear":
         a, b = site.node.args
         la = a.meta["dp_layout"]
@@ -173,14 +180,31 @@ def _ghost(graph: fx.Graph, g: ParamGrad):
                                  (grad, indices, _layout(grad), _index_layout(site), padding_idx))
 
     def finish(weights: fx.Node) -> fx.Node:
-        # Re-run the site with its gradient input re-weighted per sample; post ops are linear.
-        arg = next(a for a in site.node.args if isinstance(a, fx.Node) and isinstance(a.meta["dp_layout"], Batched))
-        scaled = graph.call_function(per_sample.per_sample_rows, (weights, arg, _layout(arg)))
-        new_site = graph.call_function(site.node.target,
-                                       tuple(scaled if a is arg else a for a in site.node.args), site.node.kwargs)
-        return _replay_post(graph, g, {site.value: new_site})
+        return _replay_post(graph, g, {site.value: _weighted_site(graph, site, weights)})
 
     return sq, finish
+
+
+def _phantom(graph: fx.Graph, g: ParamGrad):
+    emb, lin = g.phantom.embedding, g.phantom.linear
+    grad, indices, _, padding_idx, _ = emb.node.args
+    a, b = lin.node.args
+    sq = graph.call_function(per_sample.phantom_sq_norm, (
+        grad, indices, _layout(grad), _index_layout(emb), padding_idx, a, b, _layout(a), _layout(b),
+        g.phantom.transposed))
+
+    def finish(weights: fx.Node) -> fx.Node:
+        return _replay_post(graph, g, {s.value: _weighted_site(graph, s, weights) for s in (emb, lin)})
+
+    return sq, finish
+
+
+def _weighted_site(graph: fx.Graph, site: Site, weights: fx.Node) -> fx.Node:
+    """The site op re-run with its per-sample input rows scaled by the clip weights (BK)."""
+    arg = next(a for a in site.node.args if isinstance(a, fx.Node) and isinstance(a.meta["dp_layout"], Batched))
+    scaled = graph.call_function(per_sample.per_sample_rows, (weights, arg, _layout(arg)))
+    return graph.call_function(site.node.target, tuple(scaled if a is arg else a for a in site.node.args),
+                               site.node.kwargs)
 
 
 def _instantiate(gm: fx.GraphModule, g: ParamGrad):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -66,6 +67,7 @@ class ParamGrad:
     output: fx.Node
     sites: list[Site]
     post: list[fx.Node]  # linear, sample-free ops from the sites to `output`, in graph order
+    phantom: Any = None  # a phantom.PhantomPlan for tied embeddings
 
     @property
     def reshape_only(self) -> bool:
