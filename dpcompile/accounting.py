@@ -176,18 +176,18 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sampl
     if eps(1.0) > target:
         lo, hi = 1.0, 2.0
         while eps(hi) > target:
-            lo, hi = hi, 2 * hi
-            if hi > _MAX_NOISE_MULTIPLIER:
+            if 2 * hi > _MAX_NOISE_MULTIPLIER:
                 raise ValueError(
-                    f"target_epsilon={target_epsilon} at delta={target_delta} is not reached with "
-                    f"noise_multiplier <= {_MAX_NOISE_MULTIPLIER:g} (sample_rate={q}, steps={n}); "
-                    "raise the target or lower the number of steps / sample rate")
+                    f"target_epsilon={target_epsilon} at delta={target_delta} is not reached even with "
+                    f"noise_multiplier={hi:g} (sample_rate={q}, steps={n}); raise the target or lower "
+                    "the number of steps / sample rate")
+            lo, hi = hi, 2 * hi
     else:
         lo, hi = 0.5, 1.0
         while eps(lo) <= target:
-            if lo / 2 < _MIN_NOISE_MULTIPLIER:
+            if lo <= _MIN_NOISE_MULTIPLIER:
                 return lo
-            lo, hi = lo / 2, lo
+            lo, hi = max(lo / 2, _MIN_NOISE_MULTIPLIER), lo
     while hi - lo > rel_tol * hi:
         mid = 0.5 * (lo + hi)
         if eps(mid) <= target:

@@ -183,6 +183,12 @@ def test_calibration_tolerance_is_respected():
     assert fine <= coarse and epsilon(fine * 0.995, 0.01, 100, 1e-5) > 3.0
 
 
+def test_calibration_floor_for_very_loose_targets():
+    # A target this loose is met by any sigma down to the search floor (0.1): that is returned.
+    sigma = calibrate_noise_multiplier(1e4, 1e-5, 0.01, 10)
+    assert sigma == pytest.approx(0.1) and epsilon(sigma, 0.01, 10, 1e-5) <= 1e4
+
+
 # --- history, composition, checkpoints -----------------------------------------------------
 def test_history_merges_consecutive_equal_segments_only():
     acc = PrivacyAccountant()
