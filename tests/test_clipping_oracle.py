@@ -172,3 +172,31 @@ def test_phantom_clipping_of_tied_embeddings(padding_idx):
     table = next(r for r in dpcompile.privacy_state(model).compiled[0].records if r.name == "book_keeping").table
     row = next(r for r in table if r["param"] == "wte.weight")
     assert row["strategy"] == "phantom" and row["kind"] == "shared(embedding+linear)"
+
+
+def test_vmap_fallback_for_transposed_and_3d_convolutions():
+    """Sites without a batched formula (ConvTranspose2d, Conv3d) are instantiated by vmap."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.ConvTranspose2d(2, 3, 2, stride=2)
+            self.vol = torch.nn.Conv3d(1, 2, 2)
+            self.head = torch.nn.Linear(3 * 6 * 6 + 2 * 2 * 2 * 2, 3)
+
+        def forward(self, x):
+            a = torch.tanh(self.up(x))  # (B, 3, 6, 6)
+            b = torch.tanh(self.vol(x[:, :1].reshape(-1, 1, 3, 3, 1).expand(-1, -1, -1, -1, 3)[..., :3, :3, :3]))
+            return self.head(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
+        @staticmethod
+        def batch(b):
+            return torch.randn(b, 2, 3, 3), torch.randint(0, 3, (b,))
+
+    model = Net()
+    x, y = Net.batch(4)
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=0.05)
+    want, _ = oracle_clipped_sum(model, x, y, 0.05)
+    assert_close(got, want, seed)

@@ -281,6 +281,13 @@ def _instantiate_by_vmap(graph: fx.Graph, site: Site) -> fx.Node:
     return graph.call_function(per_sample.instantiate_vmap, (node.target, tuple(in_dims), site.index, *args))
 
 
+def _only_needed_output(node: fx.Node, arg, site: Site):
+    """For tuple sites, ask only for the parameter gradient being instantiated."""
+    if site.index is not None and arg is node.args[-1] and isinstance(arg, (list, tuple)):
+        return [i == site.index for i in range(len(arg))]
+    return arg
+
+
 def _extract_post(gm: fx.GraphModule, g: ParamGrad) -> tuple[fx.GraphModule, list[fx.Node]]:
     """The post ops as a standalone graph: inputs = site values, then sample-free leaves."""
     sub = fx.Graph()
