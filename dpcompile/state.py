@@ -32,7 +32,7 @@ class PrivacyState:
         self.compiled: list[Any] = []  # CompileContext of every compiled region, for inspection
         self.multi_graph = False  # set when dynamo splits the model (graph breaks)
         self._task: int | None = None
-        self._graphs_in_task: dict[int, Any] = {}  # graph id -> CompileContext
+        self._runs_in_task: list[Any] = []  # CompileContext of each compiled backward run this pass
         self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
         self._zeros: dict[tuple, torch.Tensor] = {}
 
@@ -56,19 +56,19 @@ class PrivacyState:
     def enter_backward(self, ctx: Any) -> None:
         task = torch._C._current_graph_task_id()
         if task != self._task:
-            self._task, self._graphs_in_task, self._pending = task, {}, []
+            self._task, self._runs_in_task, self._pending = task, [], []
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
-        self._graphs_in_task[ctx.graph_id] = ctx
+        self._runs_in_task.append(ctx)
 
     def defer(self, ctx: Any, sq_norms: torch.Tensor, per_sample_grads: list[torch.Tensor]) -> None:
         """A graph-break graph's share of the step; clipped once the whole backward has run."""
         self._pending.append((ctx, sq_norms, per_sample_grads))
 
     def _finish_backward(self) -> None:
-        graphs, pending = self._graphs_in_task, self._pending
-        self._task, self._graphs_in_task, self._pending = None, {}, []
-        if len(graphs) > 1 and not all(c.deferred for c in graphs.values()):
-            for c in graphs.values():
+        runs, pending = self._runs_in_task, self._pending
+        self._task, self._runs_in_task, self._pending = None, [], []
+        if len(runs) > 1 and not all(c.deferred for c in runs):
+            for c in runs:
                 for p in c.params.values():
                     p.grad = None
             raise DPCompileError(

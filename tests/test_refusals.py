@@ -197,3 +197,13 @@ def test_indexing_the_batch_with_sample_ids_is_accepted_and_exact():
 def test_indexing_the_batch_with_other_rows_is_refused():
     text = refusal(PickOtherRow(), torch.randn(5, 4))
     assert "advanced indexing" in text
+
+
+def test_two_calls_before_one_backward_are_refused():
+    """Each call would be clipped on its own: one person's rows in both could reach 2R."""
+    model = nn.Linear(3, 2)
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0})
+    loss = compiled(torch.randn(4, 3)).pow(2).mean() + compiled(torch.randn(4, 3)).pow(2).mean()
+    with pytest.raises(DPCompileError, match="several compiled graphs"):
+        loss.backward()
+    assert model.weight.grad is None
