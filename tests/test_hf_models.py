@@ -94,3 +94,55 @@ def test_hf_model_clips_like_the_oracle(build):
     if build is gpt2:
         assert model.model.lm_head.weight is model.model.transformer.wte.weight  # tied: one clipped gradient
     assert torch.allclose(dpcompile.privacy_state(model).last_sample_norms.double(), norms, rtol=1e-4)
+
+
+def test_batch_wide_token_mean_inside_the_model_is_refused_with_the_fix():
+    """HF's labels=... loss divides by the number of valid tokens of the whole batch: each
+    sequence's gradient then depends on the other sequences, which clipping cannot bound."""
+    hf, _, (ids,), _ = gpt2()
+    labels = ids.clone()
+    labels[0, 5:] = -100
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, y):
+            return self.model(input_ids=x, labels=y).loss
+
+    compiled = torch.compile(WithLoss(hf), backend="dp", options={"noise_multiplier": 0.0})
+    with pytest.raises(Exception, match="average the loss per sequence first"):
+        compiled(ids, labels).backward()
+
+
+def test_padded_sequences_with_a_per_sequence_loss_clip_like_the_oracle():
+    """The privacy unit is one sequence: ignored (-100) tokens drop out of its own mean."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed()))))
+    hf, _, (ids,), _ = gpt2()
+    hf.eval()
+    labels = ids.clone()
+    labels[0, 5:] = -100
+    labels[2, 2:] = -100
+    model = Logits(hf, "input_ids")
+
+    def sequence_loss(logits, y):  # mean over this sequence's valid next-token targets
+        return F.cross_entropy(logits[:-1], y[1:], ignore_index=-100)
+
+    R = 0.01
+    compiled = torch.compile(model, backend="dp", options={"max_grad_norm": R, "noise_multiplier": 0.0})
+    logits = compiled(ids)
+    torch.stack([sequence_loss(l, y) for l, y in zip(logits, labels)]).mean().backward()
+
+    model64 = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in model64.named_parameters()}
+    rows = [grad(lambda p, x, y: sequence_loss(functional_call(model64, p, (x[None],))[0], y))(params, ids[b], labels[b])
+            for b in range(B)]
+    per_sample = {k: torch.stack([r[k] for r in rows]) for k in params}
+    norms = torch.cat([g.flatten(1) for g in per_sample.values()], 1).norm(dim=1)
+    factors = (R / (norms + 1e-6)).clamp(max=1)
+    want = {k: torch.einsum("b,b...->...", factors, g) / B for k, g in per_sample.items()}
+    scale = max(float(w.abs().max()) for w in want.values())
+    for name, p in model.named_parameters():
+        err = float((p.grad.double() - want[name]).abs().max()) / scale
+        assert err < 1e-5, f"{name}: {err:.2e}"

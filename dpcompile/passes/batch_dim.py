@@ -77,6 +77,7 @@ def propagate(graph: fx.Graph, ctx: CompileContext, which: str) -> None:
             if which == "backward" and node.name in ctx.forward_sample_ids:
                 node.meta[SAMPLE_IDS] = ctx.forward_sample_ids[node.name]
         elif node.op == "call_function":
+            node.meta["dp_graph"] = which
             node.meta["dp_layout"] = _infer(node, ctx)
             if node.meta["dp_layout"] is FREE:
                 _track_sample_ids(node, ctx)
@@ -185,6 +186,8 @@ def _pointwise(node: fx.Node) -> Any:
     if not aligned:
         return _free_or_agg(node)
     if any(layout_of(a) is AGG for a in _tensor_args(node)):
+        if node.meta.get("dp_graph") == "backward":
+            _pointwise_with_agg_refused(node)
         raise _mix(node, "combines a value aggregated over the batch (e.g. batch statistics or a loss) with per-sample values",
                    "compute batch statistics per sample (GroupNorm/LayerNorm instead of BatchNorm)")
     return _same_layout(node, aligned)
@@ -546,7 +549,19 @@ def _nll_forward(node: fx.Node) -> Any:
 
 
 def _nll_backward(node: fx.Node) -> Any:
+    """grad_out, self, target, weight, reduction, ignore_index, total_weight: a mean (1) divides
+    by a count over the whole batch, the same batch-wide scaling _pointwise refuses."""
+    if node.args[4] == 1 and isinstance(layout_of(node.args[1]), Batched):
+        return _pointwise_with_agg_refused(node)
     return layout_of(node.args[1])
+
+
+def _pointwise_with_agg_refused(node: fx.Node) -> Any:
+    raise _mix(node, "scales per-sample gradients by a value computed from the whole batch (e.g. a loss "
+                     "averaged over all non-ignored tokens of the batch), so one sample's gradient depends "
+                     "on the others",
+               "average the loss per sequence first (mean over its own tokens), then over sequences, "
+               "outside the compiled model or with reduction='sum' inside it")
 
 
 def _embedding_backward(node: fx.Node) -> Any:
