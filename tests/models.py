@@ -133,7 +133,7 @@ def batch_loss(output, target, reduction="mean"):
 def oracle_clipped_sum(model, x, y, max_grad_norm, clipping="flat", gamma=0.01):
     """Σ_i C_i g_i in float64 from torch.func per-sample gradients, with the per-sample norms."""
     model64 = _double_copy(model).cpu()
-    params = {k: v.detach() for k, v in model64.named_parameters()}
+    params = {k: v.detach() for k, v in model64.named_parameters() if v.requires_grad}
     x, y = x.cpu(), y.cpu()
 
     def loss(p, xi, yi):

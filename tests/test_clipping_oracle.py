@@ -28,7 +28,7 @@ def compiled_clipped_sum(model, x, y, reduction="mean", **options):
     compiled = torch.compile(model, backend="dp", options=options)
     model.zero_grad(set_to_none=True)
     batch_loss(compiled(x), y, reduction).backward()
-    return {k: p.grad.double().cpu() * x.shape[0] for k, p in model.named_parameters()}
+    return {k: p.grad.double().cpu() * x.shape[0] for k, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_close(got, want, seed):
@@ -200,3 +200,17 @@ def test_vmap_fallback_for_transposed_and_3d_convolutions():
     got = compiled_clipped_sum(model, x, y, max_grad_norm=0.05)
     want, _ = oracle_clipped_sum(model, x, y, 0.05)
     assert_close(got, want, seed)
+
+
+def test_frozen_parameters_are_left_out_of_the_norm():
+    """Fine-tuning: only trainable parameters' gradients are clipped and released."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = TinyGPT()
+    for p in list(model.wte.parameters()) + list(model.blocks[0].parameters()):
+        p.requires_grad_(False)
+    x, y = TinyGPT.batch(4)
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=0.05)
+    want, _ = oracle_clipped_sum(model, x, y, 0.05)  # the oracle differentiates trainable ones only
+    assert model.wte.weight.grad is None
+    assert_close({k: v for k, v in got.items() if k in want}, want, seed)
