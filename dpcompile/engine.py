@@ -80,9 +80,7 @@ class DPOptimizer:
         """An empty Poisson draw: release σR·z / E[B] as the gradient, as the analysis assumes."""
         opts = self.state.options
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        gen = torch.Generator(device=params[0].device)
-        from .state import stream_seed
-        gen.manual_seed(stream_seed(self.state.seed, self.state.steps, "empty-batch"))
+        gen = self.state.generator("empty-batch", params[0].device)
         std = opts.noise_multiplier * opts.max_grad_norm
         for p in params:
             p.grad = (std * torch.randn(p.shape, generator=gen, device=p.device) / opts.expected_batch_size).to(p.dtype)

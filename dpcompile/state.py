@@ -48,9 +48,13 @@ class PrivacyState:
             if key not in self._zeros:
                 self._zeros[key] = torch.zeros(numel, device=device)
             return self._zeros[key]
+        return torch.randn(numel, generator=self.generator(stream, device), device=device)
+
+    def generator(self, stream: str, device: torch.device) -> torch.Generator:
+        """The noise generator of one named stream at the current step."""
         gen = torch.Generator(device=device)
         gen.manual_seed(stream_seed(self.seed, self.steps, stream))
-        return torch.randn(numel, generator=gen, device=device)
+        return gen
 
     # -- one release per backward pass, however many graphs it runs ------------------
     def enter_backward(self, ctx: Any) -> None:
@@ -92,8 +96,7 @@ class PrivacyState:
         self.check_norms(norms)
         device = total.device
         scalars = torch.tensor([self.noise_std, opts.expected_batch_size or 0.0], device=device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(stream_seed(self.seed, self.steps, "deferred"))
+        gen = self.generator("deferred", device)
         for ctx, _, per_sample_grads in sorted(pending, key=lambda item: item[0].noise_key):
             for position, ps in zip(ctx.plan["deferred_positions"], per_sample_grads):
                 param = ctx.params[position]

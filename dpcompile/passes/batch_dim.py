@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from ..errors import DPCompileError, describe_node
-from .base import CompileContext, node_shape, run_recorded
+from .base import CompileContext, node_shape, run_recorded, to_expr
 
 aten = torch.ops.aten
 
@@ -140,7 +140,7 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _batched_args(node: fx.Node) -> list[tuple[fx.Node, Batched]]:
+def batched_args(node: fx.Node) -> list[tuple[fx.Node, Batched]]:
     return [(a, a.meta["dp_layout"]) for a in _tensor_args(node) if isinstance(a.meta.get("dp_layout"), Batched)]
 
 
@@ -178,7 +178,7 @@ def _pointwise(node: fx.Node) -> Any:
     out_nd = _ndim(node)
     out_shape = node_shape(node)
     aligned = []
-    for arg, lay in _batched_args(node):
+    for arg, lay in batched_args(node):
         dim = lay.dim + out_nd - _ndim(arg)
         if node_shape(arg)[lay.dim] != out_shape[dim]:
             raise _mix(node, "broadcasts a per-sample dimension")
@@ -278,7 +278,7 @@ def _same_as_first(node: fx.Node) -> Any:
 
 def _along_dim(node: fx.Node) -> Any:
     """Ops that mix values along one dim (softmax, cumsum, sort...): not along the batch."""
-    aligned = [lay for _, lay in _batched_args(node)]
+    aligned = [lay for _, lay in batched_args(node)]
     if not aligned:
         return _free_or_agg(node)
     lay = _same_layout(node, aligned)
@@ -408,7 +408,7 @@ def _index_select(node: fx.Node) -> Any:
 
 
 def _gather_scatter(node: fx.Node) -> Any:
-    aligned = [lay for _, lay in _batched_args(node)]
+    aligned = [lay for _, lay in batched_args(node)]
     if not aligned:
         return _free_or_agg(node)
     lay = _same_layout(node, aligned)
@@ -464,21 +464,26 @@ def _bmm(node: fx.Node) -> Any:
 
 def _batch_first(node: fx.Node) -> Any:
     """Ops that treat dim 0 as independent items (conv, pooling, group norm...)."""
-    aligned = [lay for _, lay in _batched_args(node)]
+    return _dim0_items(node, "needs the samples along dimension 0", rest=FREE)
+
+
+def _dim0_items(node: fx.Node, why: str, rest: Any) -> Any:
+    """Ops whose tensor inputs hold the samples on dim 0; outputs of another size get `rest`."""
+    aligned = [lay for _, lay in batched_args(node)]
     if not aligned:
         return _multi(node, _free_or_agg(node))
     lay = _same_layout(node, aligned)
     if lay.dim != 0:
-        raise _mix(node, "needs the samples along dimension 0")
-    return _multi_by_size(node, lay, rest=FREE)
+        raise _mix(node, why)
+    return _multi_by_size(node, lay, rest)
 
 
 def _multi_by_size(node: fx.Node, lay: Batched, rest: Any) -> Any:
     """Outputs whose dim 0 matches the batched input's dim 0 keep `lay`; others get `rest`."""
     val = node.meta.get("val")
-    lead = node_shape(_batched_args(node)[0][0])[0]
+    lead = node_shape(batched_args(node)[0][0])[0]
     def one(v):
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and sympy.simplify(_expr(v.shape[0]) - lead) == 0:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and sympy.simplify(to_expr(v.shape[0]) - lead) == 0:
             return lay
         return rest
     if isinstance(val, (list, tuple)):
@@ -486,14 +491,9 @@ def _multi_by_size(node: fx.Node, lay: Batched, rest: Any) -> Any:
     return one(val)
 
 
-def _expr(size):
-    from .base import to_expr
-    return to_expr(size)
-
-
 def _grad_site(node: fx.Node) -> Any:
     """Backward ops that return grad_input (per sample) and parameter grads (summed)."""
-    aligned = [lay for _, lay in _batched_args(node)]
+    aligned = [lay for _, lay in batched_args(node)]
     if not aligned:
         return _multi(node, _free_or_agg(node))
     lay = _same_layout(node, aligned)
@@ -530,14 +530,9 @@ def _batch_norm(node: fx.Node) -> Any:
 
 
 def _attention(node: fx.Node) -> Any:
-    aligned = [lay for _, lay in _batched_args(node)]
-    if not aligned:
-        return _multi(node, _free_or_agg(node))
-    lay = _same_layout(node, aligned)
-    if lay.dim != 0:
-        raise _mix(node, "attends with the samples outside dimension 0")
-    backward = node.target.__name__.endswith("backward") or "backward" in str(node.target)
-    return _multi_by_size(node, lay, rest=AGG if backward else FREE)
+    """SDPA kernels: extra outputs (seeds, ...) are sample-free forward, sums over samples backward."""
+    backward = "backward" in str(node.target)
+    return _dim0_items(node, "attends with the samples outside dimension 0", rest=AGG if backward else FREE)
 
 
 def _nll_forward(node: fx.Node) -> Any:
@@ -613,7 +608,7 @@ def _index(node: fx.Node) -> Any:
     """x[i_0, ..., i_k] with tensor indices: allowed when the batch dim is indexed by sample ids."""
     x, indices = node.args[0], list(node.args[1])
     lx = layout_of(x)
-    if not _batched_args(node):
+    if not batched_args(node):
         return _free_or_agg(node)
     if (isinstance(lx, Batched) and lx.outer == lx.inner == 1 and lx.dim < len(indices)
             and all(isinstance(i, fx.Node) for i in indices)):
@@ -629,7 +624,7 @@ def _index_put(node: fx.Node) -> Any:
     """The backward of _index: values written back to the rows named by sample ids."""
     base, indices, values = node.args[0], list(node.args[1]), node.args[2]
     lb, lv = layout_of(base), layout_of(values)
-    if not _batched_args(node):
+    if not batched_args(node):
         return _free_or_agg(node)
     for d, ids in enumerate(indices):
         if isinstance(ids, fx.Node) and SAMPLE_IDS in ids.meta and all(isinstance(i, fx.Node) for i in indices):
@@ -642,7 +637,7 @@ def _index_put(node: fx.Node) -> Any:
 
 
 def _refuse_index(node: fx.Node) -> Any:
-    if not _batched_args(node):
+    if not batched_args(node):
         return _free_or_agg(node)
     raise _mix(node, "uses advanced indexing on a per-sample tensor, which dpcompile cannot yet prove sample-safe",
                "use torch.gather / index_select along a non-batch dimension")
@@ -743,7 +738,7 @@ def _infer(node: fx.Node, ctx: CompileContext) -> Any:
     if rule is None and torch.Tag.pointwise in target.tags:
         rule = _pointwise
     if rule is None:
-        if not _batched_args(node):
+        if not batched_args(node):
             return _multi(node, _free_or_agg(node)) if isinstance(node.meta.get("val"), (list, tuple)) else _free_or_agg(node)
         raise DPCompileError(
             f"dpcompile: {describe_node(node)} has no batch-dimension rule, so dpcompile cannot prove it keeps "

@@ -24,7 +24,7 @@ import torch.fx as fx
 from .. import cost_model, per_sample
 from ..errors import DPCompileError, describe_node
 from .base import CompileContext, node_shape, run_recorded
-from .batch_dim import Batched
+from .batch_dim import Batched, batched_args
 from .param_grads import ParamGrad, Site
 
 aten = torch.ops.aten
@@ -43,7 +43,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     grads: list[ParamGrad] = ctx.plan["param_grads"]
     if not grads:
         raise DPCompileError("dpcompile: this graph computes no parameter gradient; nothing to make private")
-    batch = _batch_hint(ctx)
+    batch = ctx.batch_hint  # the example batch size: the cost model's B
     budget = ctx.options.memory_budget_mb * 2**20
     out_node = graph.output_node()
     table, sq_norms, finishers, per_sample_grads = [], [], [], []
@@ -105,14 +105,6 @@ def _defer(gm: fx.GraphModule, ctx: CompileContext, grads: list[ParamGrad], tota
     gm.recompile()
 
 
-def _batch_hint(ctx: CompileContext) -> int:
-    size = ctx.batch_size
-    try:
-        return int(size)
-    except TypeError:
-        return int(ctx.batch_hint or 64)
-
-
 # ------------------------------------------------------------------ costs
 
 def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
@@ -154,12 +146,7 @@ def _index_layout(site: Site) -> tuple | None:
 
 
 def _rows_per_sample(site: Site) -> int:
-    lays = [a.meta["dp_layout"] for a in _tensor_args(site.node) if isinstance(a.meta.get("dp_layout"), Batched)]
-    return max((l.outer * l.inner for l in lays), default=1)
-
-
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+    return max((lay.outer * lay.inner for _, lay in batched_args(site.node)), default=1)
 
 
 # ------------------------------------------------------------------ strategies

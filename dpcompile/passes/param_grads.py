@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from ..errors import DPCompileError, describe_node
 from .base import CompileContext, run_recorded
-from .batch_dim import AGG, FREE, Batched
+from .batch_dim import AGG, FREE, Batched, batched_args
 
 aten = torch.ops.aten
 
@@ -152,10 +152,10 @@ def _as_site(node: fx.Node) -> Site | None:
     """The summation site `node` is (or reads from), if any."""
     if node.target is operator.getitem and node.args[0].target in TUPLE_SITES:
         parent, index = node.args
-        if index not in (1, 2) or not _has_batched_input(parent):
+        if index not in (1, 2) or not batched_args(parent):
             return None
         return Site(parent, node, TUPLE_SITES[parent.target], index)
-    if not _has_batched_input(node):
+    if not batched_args(node):
         return None
     if node.target in (aten.mm.default,):
         return Site(node, node, "linear")
@@ -176,10 +176,6 @@ def _sample_free(name: str, node: fx.Node) -> DPCompileError:
         f"({describe_node(node)}), e.g. a regulariser computed inside the compiled model. "
         "Compute such terms outside the compiled region, or use the optimizer's weight_decay."
     )
-
-
-def _has_batched_input(node: fx.Node) -> bool:
-    return any(isinstance(a.meta.get("dp_layout"), Batched) for a in _node_args(node))
 
 
 def _check_linear(node: fx.Node, name: str) -> None:
