@@ -108,10 +108,13 @@ def bench_compile(args):
     return runner(torch.compile(make_model(args)), args)
 
 
-def bench_dpcompile(args, strategy):
+def bench_dpcompile(args, strategy, budget_mb=None):
     net = make_model(args)
+    budget_mb = args.memory_budget_mb if budget_mb is None else budget_mb
     opts = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 0.01, "strategy": strategy,
-            "memory_budget_mb": args.memory_budget_mb, "check_finite": False}
+            "check_finite": False}
+    if budget_mb is not None:
+        opts["memory_budget_mb"] = budget_mb
     model = torch.compile(net, backend="dp", options=opts)
     return runner(model, args, torch.optim.SGD(net.parameters(), lr=1e-4))
 
@@ -129,6 +132,20 @@ def bench_opacus(args):
     return runner(model, args, opt)
 
 
+def print_top_kernels(mode: str, step, args, top: int = 15) -> None:
+    """Where a step's device time goes: the kernels with the most self time over 3 steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(args.device)
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(f"--- {mode}: top kernels over 3 steps")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,9 +158,10 @@ def main():
     p.add_argument("--tied", action="store_true")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--memory-budget-mb", type=float, default=256.0)
+    p.add_argument("--memory-budget-mb", type=float, default=None, help="dp-auto's budget (default: the backend's)")
     p.add_argument("--modes", default="eager,compile,dp-auto,dp-ghost,dp-instantiate,opacus-hooks")
     p.add_argument("--out")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of each mode (torch.profiler)")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -154,6 +172,8 @@ def main():
         "dp-auto": lambda: bench_dpcompile(args, "auto"),
         "dp-ghost": lambda: bench_dpcompile(args, "ghost"),
         "dp-instantiate": lambda: bench_dpcompile(args, "instantiate"),
+        "dp-lean": lambda: bench_dpcompile(args, "auto", budget_mb=0.0),
+        "dp-rich": lambda: bench_dpcompile(args, "auto", budget_mb=4096.0),
         "opacus-hooks": lambda: bench_opacus(args),
     }
     rows = []
@@ -168,6 +188,8 @@ def main():
             sync(args.device)
             compile_s = time.perf_counter() - t0
             ms, peak = time_steps(step, args)
+            if args.profile:
+                print_top_kernels(mode, step, args)
             rows.append({"mode": mode, "ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
                          "peak_gib": peak, "first_step_s": compile_s})
         except Exception as e:  # report and continue: one failing engine must not hide the others

@@ -7,11 +7,14 @@
 """
 from __future__ import annotations
 
+import os as _os
+
 from .errors import DPCompileError
 from .options import DPOptions
 
 __version__ = "0.1.0"
-__all__ = ["DPCompileError", "DPOptions", "privacy_spent", "privacy_state", "make_private"]
+__all__ = ["DPCompileError", "DPOptions", "privacy_spent", "privacy_state", "make_private", "inspect_model",
+           "export_onnx"]
 
 
 def privacy_state(model):
@@ -22,7 +25,8 @@ def privacy_state(model):
 
 
 def privacy_spent(model, delta: float) -> float:
-    """ε spent so far by `model` at the given δ (Poisson-sampled Gaussian mechanism, via dp-accounting)."""
+    """ε spent so far by `model` at the given δ, via dp-accounting: Poisson-sampled Gaussian mechanism
+    (DP-SGD) or, with noise_mechanism="bsr", the Gaussian mechanism of the BSR factorization."""
     return privacy_state(model).epsilon(delta)
 
 
@@ -30,3 +34,24 @@ def make_private(*args, **kwargs):
     from .engine import make_private as _make_private
 
     return _make_private(*args, **kwargs)
+
+
+def inspect_model(*args, **kwargs):
+    """Compile a copy of a model with backend 'dp', run one private step and return a Report
+    (pipeline, graphs before/after each pass, per-parameter plan, diff, privacy summary)."""
+    from .inspection import inspect_model as _inspect_model
+
+    return _inspect_model(*args, **kwargs)
+
+
+def export_onnx(*args, **kwargs):
+    """Export the private training step (forward, loss, clipped and noised backward) to ONNX."""
+    from .export import export_onnx as _export_onnx
+
+    return _export_onnx(*args, **kwargs)
+
+
+if _os.environ.get("DPCOMPILE_LOGS"):  # TORCH_LOGS-style: DPCOMPILE_LOGS=passes,diff,table,graphs
+    from .inspection import set_logs_from_env
+
+    set_logs_from_env()

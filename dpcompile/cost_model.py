@@ -15,23 +15,26 @@ import dataclasses
 import sympy
 
 B = sympy.Symbol("B", positive=True, integer=True)
-BYTES = 4  # norms and instantiated per-sample gradients are kept in float32
+FLOAT32 = 4  # norms, Gram matrices and most per-sample tensors are float32
 
 
 @dataclasses.dataclass
 class Cost:
     flops: sympy.Expr
     memory: sympy.Expr  # elements
+    element_bytes: int = FLOAT32
 
     def at(self, batch: int) -> tuple[float, float]:
-        return float(self.flops.subs(B, batch)), float(self.memory.subs(B, batch)) * BYTES
+        """(FLOPs, bytes) at a concrete batch size."""
+        return float(self.flops.subs(B, batch)), float(self.memory.subs(B, batch)) * self.element_bytes
 
 
-def linear(rows: int, n: int, m: int) -> dict[str, Cost]:
+def linear(rows: int, n: int, m: int, element_bytes: int = FLOAT32) -> dict[str, Cost]:
+    """Per-sample gradients of a linear site keep its compute dtype (bf16 under autocast)."""
     T = sympy.Integer(rows)
     return {
         "ghost": Cost(2 * B * T**2 * (n + m) + B * T**2, 2 * B * T**2),
-        "instantiate": Cost(2 * B * T * n * m + B * n * m, B * n * m),
+        "instantiate": Cost(2 * B * T * n * m + B * n * m, B * n * m, element_bytes),
     }
 
 
@@ -49,6 +52,12 @@ def phantom(rows_in: int, rows_out: int, dim: int, vocab: int) -> dict[str, Cost
     flops = B * (2 * S**2 * dim + 2 * T**2 * (vocab + dim) + 2 * S * T * dim + S * T)
     return {"phantom": Cost(flops, B * (S**2 + 2 * T**2 + 2 * S * T)),
             "instantiate": Cost(2 * B * (S + T) * vocab * dim, B * vocab * dim)}
+
+
+def lsg(rows: int, n: int, m: int, rank: int, kept: int) -> dict[str, Cost]:
+    """Low-rank coordinates per sample: A(VRᵀ) and (LᵀA)V, then a gather of the kept ones."""
+    T = sympy.Integer(rows)
+    return {"lsg": Cost(2 * B * T * rank * (n + m) * 2 + B * kept, B * (rank * (n + m) + T * rank * 2))}
 
 
 def generic(per_sample_numel: int, rows: int) -> dict[str, Cost]:

@@ -13,6 +13,10 @@ shuffled batches do not give that guarantee.
 Accounting: one pass over either object is ``len(...)`` steps of rate q, whatever number
 of batches actually came out. Skipped empty draws are still steps for the accountant.
 
+`CyclicBatchSampler` is the other schema: fixed-order cyclic batches, for the BSR
+correlated-noise mechanism (`dpcompile.bsr`), whose accounting needs each example to take
+part at most once every b steps rather than Poisson sampling.
+
 Randomness comes from a `torch.Generator` (the global torch RNG if none is given), which is
 a statistical, not a cryptographic, generator -- as in most DP-SGD implementations.
 """
@@ -25,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
-__all__ = ["PoissonBatchSampler", "PoissonDataLoader", "poisson_loader"]
+__all__ = ["PoissonBatchSampler", "PoissonDataLoader", "poisson_loader", "CyclicBatchSampler"]
 
 
 def _check_sample_rate(sample_rate: Any) -> float:
@@ -181,3 +185,40 @@ def poisson_loader(data_loader: DataLoader, sample_rate: float | None = None,
     loader.sample_rate = sample_rate
     loader.expected_batch_size = sample_rate * num_samples
     return loader
+
+
+class CyclicBatchSampler(Sampler[list[int]]):
+    """Fixed-order cyclic batches: the participation schema of BSR's accounting.
+
+    The N indices are split once, by a data-independent random permutation, into
+    ``num_batches`` = b batches of sizes ⌊N/b⌋ or ⌈N/b⌉; global step t always uses batch
+    t mod b. So every example takes part at most once every b steps (b-min-separation)
+    and in at most ⌈T/b⌉ of the first T steps, which is what `dpcompile.bsr.sensitivity`
+    assumes. Unlike Poisson sampling there is no amplification: the guarantee comes from
+    the noise and the bounded number of participations only.
+
+    ``batch(step)`` gives the batch of a global step (so a run resumed at step t goes on
+    with the right batch); iterating yields one epoch, batches 0..b−1. Indices within a
+    batch are sorted ascending.
+    """
+
+    def __init__(self, num_samples: int, num_batches: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        for name, value in (("num_samples", num_samples), ("num_batches", num_batches)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if num_batches > num_samples:
+            raise ValueError(f"num_batches={num_batches} exceeds num_samples={num_samples}: some batch would be "
+                             "empty; use at most one batch per sample")
+        self.num_samples, self.num_batches = int(num_samples), int(num_batches)
+        order = torch.randperm(self.num_samples, generator=generator)
+        self.batches = [sorted(part.tolist()) for part in order.tensor_split(self.num_batches)]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batch(self, step: int) -> list[int]:
+        return self.batches[step % self.num_batches]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([list(b) for b in self.batches])

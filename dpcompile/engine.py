@@ -11,6 +11,10 @@
   clipped gradients accumulate, noise being added once, on the last micro-batch;
 - releases a pure-noise step when a Poisson draw is empty (skipping it would reveal
   that the batch was empty, which the accounting does not cover).
+
+With ``noise_mechanism="bsr", bands=p`` it sets up BSR correlated noise instead: fixed-order
+cyclic batches (b = ⌈N / batch_size⌉ per epoch), σ calibrated by the matrix-factorization
+accounting of `dpcompile.bsr` (no amplification by sampling).
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ from torch.utils.data import DataLoader
 
 from .accounting import calibrate_noise_multiplier
 from .backends.dp import register_state
-from .data import PoissonBatchSampler
+from .data import CyclicBatchSampler, PoissonBatchSampler, PoissonDataLoader
+from .distributed import (check_cyclic_batches, check_in_sync, local_share, make_private_group, setup_make_private,
+                          synchronize_gradients)
 from .errors import DPCompileError
 
 
@@ -29,8 +35,24 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data
                  max_grad_norm: float = 1.0, target_epsilon: float | None = None, target_delta: float = 1e-5,
                  epochs: float | None = None, noise_multiplier: float | None = None,
                  max_physical_batch_size: int | None = None, seed: int | None = None,
-                 accountant: str = "pld", **options: Any):
-    """Returns (compiled model, DPOptimizer, DPDataLoader). Extra keyword arguments are dp backend options."""
+                 accountant: str = "pld", noise_mechanism: str = "gaussian", bands: int | None = None,
+                 data_parallel: bool | None = None, **options: Any):
+    """Returns (compiled model, DPOptimizer, DPDataLoader). Extra keyword arguments are dp backend options.
+
+    noise_mechanism="bsr" (with bands=p) switches to BSR correlated noise over fixed-order
+    cyclic batches instead of Poisson-sampled DP-SGD; see `_make_private_bsr`.
+
+    data_parallel: None (default) trains data-parallel when a torch.distributed process group of
+    several ranks is initialized (every rank calls make_private alike; see `dpcompile.distributed`):
+    each rank clips its share of the global batch, rank 0 adds the noise, DPOptimizer.step sums
+    the gradients. False: this rank trains on its own.
+    """
+    group = make_private_group(module, data_parallel)
+    if noise_mechanism != "gaussian" or bands is not None:
+        return _make_private_bsr(module, optimizer, data_loader, noise_mechanism, bands, max_grad_norm=max_grad_norm,
+                                 target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs,
+                                 noise_multiplier=noise_multiplier, max_physical_batch_size=max_physical_batch_size,
+                                 seed=seed, accountant=accountant, options=options, group=group)
     n = len(data_loader.dataset)
     batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
     if not batch_size:
@@ -48,6 +70,8 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data
                            sample_rate=sample_rate, expected_batch_size=sample_rate * n, seed=seed,
                            accountant=accountant)
     state = register_state(backend_options, module)
+    if group is not None:  # same seed (hence the same Poisson batches) and parameters on every rank
+        setup_make_private(state, module, group)
     model = torch.compile(module, backend="dp", options=backend_options)
     dp_optimizer = DPOptimizer(optimizer, state, module)
     generator = torch.Generator()
@@ -70,7 +94,11 @@ class DPOptimizer:
     def step(self, closure=None):
         if not self.state.last_backward_released:
             return None
+        synchronize_gradients(self.state, self._params())  # data-parallel: sum over ranks (else no-op)
         return self.optimizer.step(closure)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.state.last_backward_released:
@@ -89,12 +117,24 @@ class DPOptimizer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def empty_share_step(self) -> None:
+        """Data-parallel: this rank drew no sample of a non-empty logical batch. It releases nothing of
+        its own (rank 0, which holds the batch's first sample, adds the noise) but joins the step's
+        gradient all-reduce with zeros and counts the step like every other rank."""
+        for p in self._params():
+            p.grad = torch.zeros_like(p)
+        self.state.record_release()
+        self.state.last_backward_released = True
+        self.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "privacy": self.state.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.state.load_state_dict(state["privacy"])
+        check_in_sync(self.state)  # data-parallel: every rank must have loaded the same state
 
 
 class DPDataLoader:
@@ -114,7 +154,11 @@ class DPDataLoader:
     def __iter__(self) -> Iterator[Any]:
         for indices in self.sampler:
             if not indices:
-                self.optimizer.noise_only_step()
+                self.optimizer.noise_only_step()  # identical on every rank: no communication
+                continue
+            indices = local_share(self.state, indices)  # data-parallel: every W-th sample (else all)
+            if not indices:
+                self.optimizer.empty_share_step()
                 continue
             chunk = self.max_physical or len(indices)
             parts = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
@@ -132,3 +176,117 @@ def _mark_batch_dynamic(batch: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 1:
             torch._dynamo.mark_dynamic(t, 0)
     return batch
+
+
+# ----------------------------------------------------------------------------- BSR front end
+
+def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+                      noise_mechanism: str, bands: int | None, *, max_grad_norm: float,
+                      target_epsilon: float | None, target_delta: float, epochs: float | None,
+                      noise_multiplier: float | None, max_physical_batch_size: int | None, seed: int | None,
+                      accountant: str, options: dict[str, Any], group: Any = None):
+    """BSR over b = ⌈N / batch_size⌉ fixed cyclic batches; σ = μ(ε, δ)·sens(C) over epochs·b steps.
+
+    The workload's momentum β and decay λ default to those of a torch.optim.SGD optimizer
+    (β = momentum, λ = lr·weight_decay): they only shape the factorization, never the privacy.
+    """
+    from . import bsr
+
+    def refuse(message: str) -> None:
+        raise DPCompileError(f"dpcompile.make_private(noise_mechanism='bsr'): {message}")
+
+    if noise_mechanism == "gaussian":
+        raise DPCompileError("dpcompile.make_private: bands only applies with noise_mechanism='bsr'")
+    if noise_mechanism != "bsr":
+        raise DPCompileError(f"dpcompile.make_private: noise_mechanism must be 'gaussian' or 'bsr', got "
+                             f"{noise_mechanism!r}")
+    if isinstance(data_loader, PoissonDataLoader):
+        refuse("the data loader samples Poisson batches; BSR's accounting assumes fixed-order cyclic batches "
+               "(each example at most once every b steps). Pass an ordinary DataLoader with batch_size.")
+    fixed = sorted({"sample_rate", "expected_batch_size", "bsr_min_separation", "bsr_max_participations",
+                    "bsr_bands"} & set(options))
+    if fixed:
+        refuse(f"{fixed} are set from the data loader and `bands`; do not pass them")
+    if (bands is None) == (options.get("bsr_coefficients") is None):
+        refuse("pass exactly one of bands=p (closed-form banded square root; p ≈ batches per epoch is a good "
+               "start) or bsr_coefficients=[c_0, ..., c_(p-1)]")
+    n = len(data_loader.dataset)
+    batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
+    if not batch_size:
+        refuse("the data loader needs a batch_size (the logical batch of the cyclic schema)")
+    num_batches = min(n, -(-n // batch_size))
+    momentum, weight_decay = _sgd_workload(optimizer)
+    momentum = options.pop("bsr_momentum", momentum)
+    weight_decay = options.pop("bsr_weight_decay", weight_decay)
+    if (target_epsilon is None) == (noise_multiplier is None):
+        refuse("pass exactly one of target_epsilon or noise_multiplier")
+    if target_epsilon is not None:
+        if epochs is None:
+            refuse("target_epsilon needs epochs (to know the number of steps and participations)")
+        steps = max(1, int(round(epochs * num_batches)))
+        coefficients = options.get("bsr_coefficients") or bsr.bsr_coefficients(bands, momentum, weight_decay)
+        noise_multiplier = bsr.calibrate_noise_multiplier(target_epsilon, target_delta, coefficients, steps,
+                                                          num_batches, mechanism=accountant)
+    backend_options = dict(options, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                           noise_mechanism="bsr", bsr_bands=bands, bsr_momentum=momentum,
+                           bsr_weight_decay=weight_decay, bsr_min_separation=num_batches,
+                           expected_batch_size=n / num_batches, seed=seed, accountant=accountant)
+    state = register_state(backend_options, module)
+    if group is not None:  # same seed (hence the same cyclic partition) and parameters on every rank
+        setup_make_private(state, module, group)
+        check_cyclic_batches(state, n, num_batches)
+    model = torch.compile(module, backend="dp", options=backend_options)
+    dp_optimizer = DPOptimizer(optimizer, state, module)
+    loader = CyclicDPDataLoader(data_loader, num_batches, max_physical_batch_size, state)
+    return model, dp_optimizer, loader
+
+
+def _sgd_workload(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(β, λ) of the BSR workload from a torch SGD optimizer's first param group, else (0, 0)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return 0.0, 0.0
+    group = optimizer.param_groups[0]
+    return float(group.get("momentum", 0.0)), float(group["lr"]) * float(group.get("weight_decay", 0.0))
+
+
+class CyclicDPDataLoader:
+    """Fixed-order cyclic logical batches for BSR, split into physical micro-batches.
+
+    Step t uses batch t mod b of a fixed partition derived from the privacy state's seed, so
+    a run resumed from a checkpoint (state and seed restored) goes on with the same cycle at
+    the right place. One pass runs to the end of the current epoch. Every logical batch must
+    end in one private release before the next is drawn: a skipped release would shift later
+    batches onto other step indices and break the min-separation the accounting assumes.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int, max_physical: int | None, state: Any) -> None:
+        self.dataset, self.collate_fn = loader.dataset, loader.collate_fn
+        self.num_batches, self.max_physical, self.state = num_batches, max_physical, state
+        self.expected_batch_size = len(loader.dataset) / num_batches
+        self._sampler: tuple[int, CyclicBatchSampler] | None = None
+
+    @property
+    def sampler(self) -> CyclicBatchSampler:
+        if self._sampler is None or self._sampler[0] != self.state.seed:
+            generator = torch.Generator().manual_seed(self.state.seed)
+            self._sampler = (self.state.seed, CyclicBatchSampler(len(self.dataset), self.num_batches, generator))
+        return self._sampler[1]
+
+    def __len__(self) -> int:
+        return self.num_batches - self.state.steps % self.num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        start = self.state.steps
+        for step in range(start, start + len(self)):
+            if self.state.steps != step:
+                raise DPCompileError(
+                    f"dpcompile: the cyclic BSR loader expected step {step} but the privacy state is at step "
+                    f"{self.state.steps}: each logical batch must end with one private backward before the next "
+                    "batch is drawn (batch t mod b belongs to step t; the accounting relies on it)")
+            indices = local_share(self.state, self.sampler.batch(step))  # data-parallel: every W-th sample
+            chunk = self.max_physical or len(indices)
+            parts = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
+            for k, part in enumerate(parts):
+                self.state.release_next = k == len(parts) - 1
+                yield _mark_batch_dynamic(self.collate_fn([self.dataset[i] for i in part]))
+        self.state.release_next = True

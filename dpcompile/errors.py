@@ -1,6 +1,8 @@
 """Errors raised by dpcompile, with enough context to fix the model."""
 from __future__ import annotations
 
+import re
+
 import torch.fx as fx
 
 
@@ -37,6 +39,7 @@ def _clean_module_path(path: str) -> str:
     # Dynamo records paths such as "L['self'].encoder.layers[0]" or "L['self']._modules['fc']".
     for junk in ("L['self'].", "L['self']", "L['fn'].", "L['fn']"):
         path = path.replace(junk, "")
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # a model passed as an argument (dpcompile.inspection)
     return path.replace("._modules['", ".").replace("_modules['", "").replace("']", "") or "<root>"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 from typing import Any
 
@@ -11,6 +12,66 @@ CLIPPING_MODES = ("flat", "automatic")
 LOSS_REDUCTIONS = ("mean", "sum")
 STRATEGIES = ("auto", "ghost", "instantiate")
 ACCOUNTANTS = ("pld", "rdp")
+NOISE_MECHANISMS = ("gaussian", "bsr")
+LSG_SUBSPACES = ("weights", "random")
+LSG_MASKS = ("update", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LSGOptions:
+    """Low-rank + sparse gradients (the ``lsg`` pass) for selected Linear weights.
+
+    layers: fnmatch patterns of parameter names (e.g. ``"blocks.*.mlp.*.weight"``).
+    rank: r of the factors L (n×r) and R (r×m); the reduced gradient is (G Rᵀ, Lᵀ G).
+    density: fraction of the r·(n+m) reduced coordinates kept (and noised) each step.
+    subspace: "weights" (top-r singular subspaces of the current weights: post-processing
+        of earlier releases) or "random" (data-independent).
+    mask: "update" (the largest coordinates of the last parameter update: post-processing)
+        or "random" (data-independent).
+    refresh: steps between subspace recomputations.
+    """
+
+    layers: tuple[str, ...] = ("*",)
+    rank: int = 8
+    density: float = 1.0
+    subspace: str = "weights"
+    mask: str = "update"
+    refresh: int = 1
+
+    @classmethod
+    def from_value(cls, value: Any) -> "LSGOptions | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise DPCompileError(f"dp backend option lsg must be a dict of LSG settings, got {value!r}")
+        value = dict(value)
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise DPCompileError(f"unknown lsg option(s) {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+        if isinstance(value.get("layers"), str):
+            value["layers"] = (value["layers"],)
+        if "layers" in value:
+            value["layers"] = tuple(value["layers"])
+        opts = cls(**value)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise DPCompileError(f"dp backend option lsg: {message}")
+
+        need(len(self.layers) > 0 and all(isinstance(p, str) for p in self.layers),
+             f"layers must be name patterns, got {self.layers!r}")
+        need(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive int, got {self.rank!r}")
+        need(_is_number(self.density) and 0 < self.density <= 1, f"density must be in (0, 1], got {self.density!r}")
+        need(self.subspace in LSG_SUBSPACES, f"subspace must be one of {LSG_SUBSPACES}, got {self.subspace!r}")
+        need(self.mask in LSG_MASKS, f"mask must be one of {LSG_MASKS}, got {self.mask!r}")
+        need(isinstance(self.refresh, int) and self.refresh > 0,
+             f"refresh must be a positive int, got {self.refresh!r}")
+
+    def selects(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +94,22 @@ class DPOptions:
     seed: seed of the noise stream; None draws one from the OS (recorded in state_dict).
     accountant: "pld" or "rdp" (dp-accounting).
     check_finite: raise if any per-sample gradient norm is NaN/inf (one device sync a step).
+    lsg: low-rank + sparse gradients for selected layers (a dict of ``LSGOptions``), or None.
+    noise_mechanism: "gaussian" (DP-SGD: independent noise every step, Poisson accounting)
+        or "bsr" (banded-square-root correlated noise, `dpcompile.bsr`: matrix-factorization
+        accounting for cyclic / b-min-separated participation, no sample_rate).
+    bsr_bands: p, the number of diagonals of the banded square root (noise state: p − 1
+        vectors of the gradient's size).
+    bsr_momentum, bsr_weight_decay: β and λ of the workload A (SGD with momentum β and
+        multiplicative decay 1 − λ per step, e.g. lr·weight_decay of torch SGD); they shape
+        the factorization (utility), not the privacy guarantee.
+    bsr_coefficients: explicit banded Toeplitz coefficients c_0..c_{p−1} instead of the
+        closed form (e.g. from `dpcompile.bsr.optimize_banded_toeplitz`); non-negative and
+        non-increasing.
+    bsr_min_separation: b, the fewest steps between two participations of one example
+        (batches per epoch of fixed-order cyclic batches).
+    bsr_max_participations: k, a promise that no example takes part in more than k steps
+        (default: ⌈steps/b⌉, always true under b-min-separation).
     """
 
     max_grad_norm: float = 1.0
@@ -43,10 +120,19 @@ class DPOptions:
     clipping: str = "flat"
     automatic_gamma: float = 0.01
     strategy: str = "auto"
-    memory_budget_mb: float = 256.0
+    memory_budget_mb: float = 1024.0
     seed: int | None = None
     accountant: str = "pld"
     check_finite: bool = True
+    lsg: LSGOptions | None = None
+    instance: int | None = None
+    noise_mechanism: str = "gaussian"
+    bsr_bands: int | None = None
+    bsr_momentum: float = 0.0
+    bsr_weight_decay: float = 0.0
+    bsr_coefficients: tuple[float, ...] | None = None
+    bsr_min_separation: int | None = None
+    bsr_max_participations: int | None = None
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "DPOptions":
@@ -57,6 +143,9 @@ class DPOptions:
             raise DPCompileError(
                 f"unknown dp backend option(s) {unknown}; valid options are {sorted(known)}"
             )
+        options["lsg"] = LSGOptions.from_value(options.get("lsg"))
+        if isinstance(options.get("bsr_coefficients"), (list, tuple)):
+            options["bsr_coefficients"] = tuple(options["bsr_coefficients"])
         if options.get("seed") is None:
             options["seed"] = int.from_bytes(os.urandom(8), "little") >> 1
         opts = cls(**options)
@@ -90,6 +179,48 @@ class DPOptions:
         need(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
         need(self.accountant in ACCOUNTANTS,
              f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        self._validate_noise_mechanism()
+
+    def _validate_noise_mechanism(self) -> None:
+        """BSR settings: only with noise_mechanism="bsr", and with a participation schema it can account."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise DPCompileError(f"dp backend option {message}")
+
+        def positive_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        need(self.noise_mechanism in NOISE_MECHANISMS,
+             f"noise_mechanism must be one of {NOISE_MECHANISMS}, got {self.noise_mechanism!r}")
+        bsr_set = [f.name for f in dataclasses.fields(self)
+                   if f.name.startswith("bsr_") and getattr(self, f.name) != f.default]
+        if self.noise_mechanism != "bsr":
+            need(not bsr_set, f"{bsr_set} only apply with noise_mechanism='bsr'")
+            return
+        need(self.sample_rate is None,
+             "sample_rate (Poisson sampling) cannot be combined with noise_mechanism='bsr': BSR's accounting "
+             "assumes fixed-order cyclic batches (b-min-separation) and has no amplification by sampling. Drop "
+             "sample_rate and give bsr_min_separation (batches per epoch), or use noise_mechanism='gaussian'")
+        need((self.bsr_bands is None) != (self.bsr_coefficients is None),
+             "noise_mechanism='bsr' needs exactly one of bsr_bands=p (closed-form banded square root) or "
+             f"bsr_coefficients=[c_0, ..., c_(p-1)]; got bsr_bands={self.bsr_bands!r}, "
+             f"bsr_coefficients={self.bsr_coefficients!r}")
+        need(self.bsr_bands is None or positive_int(self.bsr_bands),
+             f"bsr_bands must be an int >= 1, got {self.bsr_bands!r}")
+        need(self.bsr_coefficients is None or all(_is_number(c) for c in self.bsr_coefficients),
+             f"bsr_coefficients must be numbers, got {self.bsr_coefficients!r}")
+        need(_is_number(self.bsr_momentum) and 0 <= self.bsr_momentum < 1,
+             f"bsr_momentum must be in [0, 1), got {self.bsr_momentum!r}")
+        need(_is_number(self.bsr_weight_decay) and 0 <= self.bsr_weight_decay < 1,
+             f"bsr_weight_decay (per-step multiplicative decay λ, θ <- (1-λ)θ) must be in [0, 1), "
+             f"got {self.bsr_weight_decay!r}")
+        need(self.bsr_min_separation is not None or self.bsr_max_participations is not None,
+             "noise_mechanism='bsr' needs the participation schema for its accounting: bsr_min_separation=b "
+             "(each example at most once every b steps, e.g. b cyclic batches per epoch) and/or "
+             "bsr_max_participations=k (k=1: each example used in one step at most)")
+        for name in ("bsr_min_separation", "bsr_max_participations"):
+            value = getattr(self, name)
+            need(value is None or positive_int(value), f"{name} must be an int >= 1, got {value!r}")
 
 
 def _is_number(x: Any) -> bool:

@@ -159,6 +159,50 @@ def embedding_grad_onehot(grad: torch.Tensor, indices: torch.Tensor, num_weights
     return onehot.t() @ grad.reshape(idx.shape[0], -1)
 
 
+def lsg_reduced(a: torch.Tensor, b: torch.Tensor, la: tuple, lb: tuple, left: torch.Tensor,
+                right: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-sample LSG coordinates (B, k) of the site gradient G_b = a_b @ b_b (n×m).
+
+    The reduced gradient is the pair (G_b Rᵀ (n×r), Lᵀ G_b (r×m)), flattened and read at
+    the kept coordinates ``index``; G_b itself is never formed: O(B·T·r·(n+m)) FLOPs.
+    """
+    A = batch_front(a, la).float()  # (B, n, T)
+    V = batch_front(b, lb).float()  # (B, T, m)
+    d_left = A @ (V @ right.mT)  # G_b Rᵀ: (B, n, r)
+    d_right = (left.mT @ A) @ V  # Lᵀ G_b: (B, r, m)
+    flat = torch.cat([d_left.flatten(1), d_right.flatten(1)], 1)
+    return flat.index_select(1, index)
+
+
+def lsg_reconstruct(coords: torch.Tensor, index: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The n×m gradient a reduced vector stands for: ∂L R + L ∂R − L (Lᵀ ∂L) R.
+
+    With orthonormal L (columns) and R (rows) this is the orthogonal projection of G onto
+    {U R + L W} when (∂L, ∂R) = (G Rᵀ, Lᵀ G); the last term removes the core Lᵀ G Rᵀ that
+    both factors carry. Dropped coordinates count as zero.
+    """
+    n, r, m = left.shape[0], left.shape[1], right.shape[1]
+    full = coords.new_zeros(r * (n + m)).index_copy(0, index, coords.float())
+    d_left, d_right = full[: n * r].view(n, r), full[n * r:].view(r, m)
+    grad = d_left @ right + left @ d_right - left @ (left.mT @ d_left) @ right
+    return grad.to(dtype)
+
+
+def checked_token_count(total_weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                        layout: tuple | None, where: str) -> torch.Tensor:
+    """A token-mean loss's count B·c, after asserting every sample has c non-ignored tokens."""
+    if layout is not None:
+        counts = batch_front(target != ignore_index, layout).flatten(1).sum(1)
+        where = "".join(c for c in where if c not in '"\\`\n')  # the message is pasted into C++/Triton source
+        torch._assert_async(counts.eq(counts[:1]).all(), (
+            f"dpcompile: {where} averages the loss over the tokens of the whole batch, and the samples of this "
+            "batch have different numbers of non-ignored tokens (padding / ignore_index), so one sample's "
+            "gradient would depend on the others. No gradient was released. Average the loss per sequence "
+            "first (mean over its own tokens), then over sequences, outside the compiled model."))
+    return total_weight
+
+
 def total_sq_norm(*sq_norms: torch.Tensor) -> torch.Tensor:
     """Σ over layers of the per-sample squared norms: the whole-model per-sample norm²."""
     return torch.stack(sq_norms).sum(0)

@@ -5,6 +5,36 @@ from typing import Any
 
 import torch
 
+from .distributed import check_forward, graph_scalars
+from .errors import DPCompileError
+from .lsg import lsg_inputs
+
+
+class OwnParametersOnly:
+    """Runs a compiled forward only on the parameters it was compiled for.
+
+    Dynamo may reuse a graph for another instance of the same module class when the dp
+    options compare equal; the graph's privacy state (noise stream, accountant) belongs
+    to the first model, so the second model's steps would be accounted to the first.
+    """
+
+    def __init__(self, compiled: Any, ctx: Any, state: Any = None) -> None:
+        self._boxed_call = True
+        self.compiled = compiled
+        self.ctx = ctx
+        self.state = state
+
+    def __call__(self, args: list[Any]) -> Any:
+        if self.state is not None:  # under DDP: attach to its group, or refuse (dpcompile.distributed)
+            check_forward(self.state, self.ctx)
+        for position, param in self.ctx.params.items():
+            if args[position] is not param:
+                raise DPCompileError(
+                    "dpcompile: torch.compile reused a graph compiled for another model instance (same class, "
+                    "equal dp options); its privacy state (noise stream, steps, accountant) belongs to that model. "
+                    "Give each private model its own options (dpcompile.make_private does), e.g. a different "
+                    "seed, or call torch._dynamo.reset() before compiling the second model.")
+        return self.compiled(args)
 
 
 class PrivateBackward:
@@ -25,17 +55,22 @@ class PrivateBackward:
         args.clear()  # let the compiled graph free saved activations as it goes
         outputs = self.compiled(inputs)
         n_grads = len(outputs) - self.n_extra
-        if ctx.deferred:
+        if not self.n_extra:
+            pass  # a graph-break piece without parameters: only input gradients flow on
+        elif ctx.deferred:
             state.defer(ctx, outputs[n_grads], list(outputs[n_grads + 1:]))
         else:
             state.check_norms(outputs[n_grads])
         return list(outputs[:n_grads])
 
     def _runtime_inputs(self, device: torch.device) -> list[torch.Tensor]:
-        if not self.ctx.runtime_inputs:
-            return []
-        state = self.state
-        noise = state.noise(self.ctx.noise_key, self.ctx.runtime_inputs["dp_noise"][0], device)
-        scalars = torch.tensor([state.noise_std, state.options.expected_batch_size or 0.0],
-                               dtype=torch.float32).to(device, non_blocking=True)
-        return [noise, scalars]
+        """The extra graph inputs, in the order the passes added them."""
+        state, ctx = self.state, self.ctx
+        values: dict[str, torch.Tensor] = {}
+        if ctx.plan.get("lsg"):
+            values.update(lsg_inputs(state.lsg, ctx, state.steps))
+        if "dp_noise" in ctx.runtime_inputs:
+            values["dp_noise"] = state.noise(ctx.noise_key, ctx.runtime_inputs["dp_noise"][0], device)
+            # [σR or 0, divisor]; data-parallel: noise on one rank, divisor per reduction (dpcompile.distributed)
+            values["dp_scalars"] = torch.tensor(graph_scalars(state), dtype=torch.float32).to(device, non_blocking=True)
+        return [values[name] for name in ctx.runtime_inputs]

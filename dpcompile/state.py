@@ -14,9 +14,11 @@ import torch
 
 from .accounting import PrivacyAccountant
 from .errors import DPCompileError
+from .lsg import LSGProjector
 from .options import DPOptions
 
 STATE_ATTR = "_dpcompile_state"
+GUARD_ATTR = "_dpcompile_guarded"
 
 
 class PrivacyState:
@@ -35,6 +37,8 @@ class PrivacyState:
         self._runs_in_task: list[Any] = []  # CompileContext of each compiled backward run this pass
         self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
         self._zeros: dict[tuple, torch.Tensor] = {}
+        self.bsr = self._make_correlated_noise(options)  # None unless noise_mechanism == "bsr"
+        self.lsg = LSGProjector(options.lsg, options.seed) if options.lsg is not None else None
 
     # -- noise -------------------------------------------------------------------------
     @property
@@ -42,12 +46,16 @@ class PrivacyState:
         return self.options.noise_multiplier * self.options.max_grad_norm if self.release_next else 0.0
 
     def noise(self, stream: str, numel: int, device: torch.device) -> torch.Tensor:
-        """N(0, 1) draws for one graph at the current step: a pure function of (seed, step, stream)."""
+        """N(0, 1) draws for one graph at the current step: a pure function of (seed, step, stream).
+
+        With noise_mechanism="bsr" it is the correlated w_t = (C⁻¹Z)_t of that stream instead."""
         if self.noise_std == 0.0:
             key = (numel, str(device))
             if key not in self._zeros:
                 self._zeros[key] = torch.zeros(numel, device=device)
             return self._zeros[key]
+        if self.bsr is not None:
+            return self._bsr_noise(stream, numel, device)
         return torch.randn(numel, generator=self.generator(stream, device), device=device)
 
     def generator(self, stream: str, device: torch.device) -> torch.Generator:
@@ -55,6 +63,56 @@ class PrivacyState:
         gen = torch.Generator(device=device)
         gen.manual_seed(stream_seed(self.seed, self.steps, stream))
         return gen
+
+    def _deferred_noise(self, sizes: list[int], device: torch.device) -> list[torch.Tensor]:
+        """Noise for the graph-break path, one vector per parameter in a fixed order."""
+        if not self.noise_std:
+            return [torch.zeros(n, device=device) for n in sizes]
+        if self.bsr is not None:  # one correlated stream over all of them, split
+            return list(self._bsr_noise("deferred", sum(sizes), device).split(sizes))
+        gen = self.generator("deferred", device)
+        return [torch.randn(n, generator=gen, device=device) for n in sizes]
+
+    # -- BSR correlated noise (dpcompile.bsr) -------------------------------------------
+    @staticmethod
+    def _make_correlated_noise(options: DPOptions):
+        if options.noise_mechanism != "bsr":
+            return None
+        from .bsr import CorrelatedNoise, bsr_coefficients
+
+        coefficients = options.bsr_coefficients or bsr_coefficients(
+            options.bsr_bands, options.bsr_momentum, options.bsr_weight_decay)
+        return CorrelatedNoise(coefficients)
+
+    def _bsr_noise(self, stream: str, numel: int, device: torch.device) -> torch.Tensor:
+        """w_t = (C⁻¹Z)_t of one stream at the current step; advances its buffers at most once a step."""
+        def gaussian(name: str, step: int, size: int, dev: torch.device) -> torch.Tensor:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(stream_seed(self.seed, step, name))
+            return torch.randn(size, generator=gen, device=dev)
+
+        return self.bsr.draw(stream, numel, device, self.steps, gaussian)
+
+    def _bsr_epsilon(self, delta: float) -> float:
+        """ε of the C X + σR Z release after self.steps steps (b-min-separation, zero-out adjacency)."""
+        from .bsr import epsilon
+
+        opts = self.options
+        return epsilon(opts.noise_multiplier, self.bsr.coefficients, self.steps, delta,
+                       opts.bsr_min_separation or 1, opts.bsr_max_participations, opts.accountant)
+
+    def _load_bsr_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("options", {})
+        for key in ("noise_mechanism", "bsr_min_separation", "bsr_max_participations"):
+            if saved.get(key, "gaussian" if key == "noise_mechanism" else None) != getattr(self.options, key):
+                raise DPCompileError(
+                    f"dpcompile: checkpoint was made with {key}={saved.get(key)!r} but this model uses "
+                    f"{getattr(self.options, key)!r}; resume with the same privacy options")
+        if self.bsr is not None:
+            if state.get("bsr") is None:
+                raise DPCompileError("dpcompile: this checkpoint has no BSR noise buffers; it cannot resume a "
+                                     "noise_mechanism='bsr' run")
+            self.bsr.load_state_dict(state["bsr"])
 
     # -- one release per backward pass, however many graphs it runs ------------------
     def enter_backward(self, ctx: Any) -> None:
@@ -87,6 +145,7 @@ class PrivacyState:
             self.record_release()
 
     def _release_deferred(self, pending) -> None:
+        from .distributed import graph_scalars
         from .per_sample import clip_weights, privatize, weighted_sum
 
         opts = self.options
@@ -95,14 +154,14 @@ class PrivacyState:
                                       opts.automatic_gamma)
         self.check_norms(norms)
         device = total.device
-        scalars = torch.tensor([self.noise_std, opts.expected_batch_size or 0.0], device=device)
-        gen = self.generator("deferred", device)
-        for ctx, _, per_sample_grads in sorted(pending, key=lambda item: item[0].noise_key):
+        scalars = torch.tensor(graph_scalars(self), device=device)  # data-parallel: noise on one rank only
+        ordered = sorted(pending, key=lambda item: item[0].noise_key)
+        noises = iter(self._deferred_noise([ps[0].numel() for _, _, grads in ordered for ps in grads], device))
+        for ctx, _, per_sample_grads in ordered:
             for position, ps in zip(ctx.plan["deferred_positions"], per_sample_grads):
                 param = ctx.params[position]
                 clipped = weighted_sum(weights, ps)
-                noise = torch.randn(clipped.numel(), generator=gen, device=device) if self.noise_std else \
-                    torch.zeros(clipped.numel(), device=device)
+                noise = next(noises)
                 grad = privatize(clipped, noise, 0, scalars, weights).to(param.dtype)
                 param.grad = grad if param.grad is None else param.grad + grad
 
@@ -129,6 +188,8 @@ class PrivacyState:
     def epsilon(self, delta: float) -> float:
         if self.options.noise_multiplier == 0:
             return float("inf")
+        if self.bsr is not None:
+            return self._bsr_epsilon(delta)
         if self.options.sample_rate is None:
             raise DPCompileError(
                 "dpcompile: cannot account privacy without the sampling rate; pass "
@@ -139,7 +200,9 @@ class PrivacyState:
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "steps": self.steps, "skipped_steps": self.skipped_steps,
                 "release_next": self.release_next, "options": dataclasses.asdict(self.options),
-                "accountant": self.accountant.state_dict()}
+                "accountant": self.accountant.state_dict(),
+                "lsg": self.lsg.state_dict() if self.lsg is not None else None,
+                "bsr": self.bsr.state_dict() if self.bsr is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("options", {})
@@ -148,11 +211,39 @@ class PrivacyState:
                 raise DPCompileError(
                     f"dpcompile: checkpoint was made with {key}={saved[key]} but this model uses "
                     f"{getattr(self.options, key)}; resume with the same privacy options")
+        self._load_bsr_state(state)  # checks its options first, like the loop above
         self.seed = int(state["seed"])
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.release_next = bool(state.get("release_next", True))
         self.accountant.load_state_dict(state["accountant"])
+        if self.lsg is not None and state.get("lsg") is not None:
+            self.lsg.seed = self.seed
+            self.lsg.load_state_dict(state["lsg"])
+
+
+def guard_parameters(params) -> None:
+    """Fail closed when a parameter gets a gradient outside a dp-compiled backward.
+
+    Calling the uncompiled module, or torch.compile falling back to eager (recompile limit,
+    suppressed errors), would otherwise put non-private gradients into ``p.grad``.
+    """
+    for p in params:
+        if p.requires_grad and not getattr(p, GUARD_ATTR, False):
+            p.register_post_accumulate_grad_hook(_refuse_unclipped_gradient)
+            setattr(p, GUARD_ATTR, True)
+
+
+def _refuse_unclipped_gradient(param: torch.Tensor) -> None:
+    state = getattr(param, STATE_ATTR, None)
+    if state is None or torch._C._current_graph_task_id() == state._task:
+        return
+    param.grad = None
+    raise DPCompileError(
+        f"dpcompile: a parameter of shape {tuple(param.shape)} received a gradient from a backward pass that did "
+        "not run through its dp-compiled graph, so the gradient is neither clipped nor noised; it was discarded. "
+        "Call the compiled model (not the original module), and check that torch.compile did not fall back to "
+        "eager (torch._dynamo recompile limit, suppressed errors: see the log).")
 
 
 def stream_seed(seed: int, step: int, stream: str) -> int:

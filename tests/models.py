@@ -130,8 +130,8 @@ def batch_loss(output, target, reduction="mean"):
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
-def oracle_clipped_sum(model, x, y, max_grad_norm, clipping="flat", gamma=0.01):
-    """Σ_i C_i g_i in float64 from torch.func per-sample gradients, with the per-sample norms."""
+def per_sample_grads(model, x, y):
+    """{name: (B, *shape)} float64 per-sample gradients from torch.func (the oracle's source)."""
     model64 = _double_copy(model).cpu()
     params = {k: v.detach() for k, v in model64.named_parameters() if v.requires_grad}
     x, y = x.cpu(), y.cpu()
@@ -140,7 +140,12 @@ def oracle_clipped_sum(model, x, y, max_grad_norm, clipping="flat", gamma=0.01):
         return sample_loss(functional_call(model64, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
     xd = x.double() if x.is_floating_point() else x
-    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, xd, y)
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, xd, y)
+
+
+def oracle_clipped_sum(model, x, y, max_grad_norm, clipping="flat", gamma=0.01):
+    """Σ_i C_i g_i in float64 from torch.func per-sample gradients, with the per-sample norms."""
+    per_sample = per_sample_grads(model, x, y)
     norms = torch.cat([g.flatten(1) for g in per_sample.values()], 1).norm(dim=1)
     if clipping == "automatic":
         factors = max_grad_norm / (norms + gamma)

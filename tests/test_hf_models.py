@@ -103,24 +103,49 @@ def test_hf_model_clips_like_the_oracle(build):
     assert torch.allclose(dpcompile.privacy_state(model).last_sample_norms.double(), norms, rtol=1e-4)
 
 
-def test_batch_wide_token_mean_inside_the_model_is_refused_with_the_fix():
-    """HF's labels=... loss divides by the number of valid tokens of the whole batch: each
-    sequence's gradient then depends on the other sequences, which clipping cannot bound."""
+class WithLoss(torch.nn.Module):
+    """The HF way: model(input_ids, labels=...) returns the loss (a token mean over the batch)."""
+
+    def __init__(self, model, key="input_ids"):
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x, y):
+        return self.model(**{self.key: x}, labels=y).loss
+
+
+@pytest.mark.parametrize("build", [gpt2, bert], ids=["gpt2-causal-lm", "bert-classification"])
+def test_hf_in_model_loss_clips_like_the_oracle_when_every_sample_counts_the_same_tokens(build):
+    """HF's labels= loss divides by the valid tokens of the whole batch; when every sequence has
+    as many (causal LM: T-1 each, classification: 1 each) it is the mean of per-sequence losses."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed()))))
+    hf, key, (ids, *_), target = build()
+    hf.eval()
+    labels = ids.clone() if build is gpt2 else target
+    model = WithLoss(hf, key)
+    R = 0.01
+    compiled = torch.compile(model, backend="dp", options={"max_grad_norm": R, "noise_multiplier": 0.0})
+    compiled(ids, labels).backward()
+
+    model64 = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in model64.named_parameters()}
+    rows = [grad(lambda p, x, y: functional_call(model64, p, (x[None], y[None])))(params, ids[b], labels[b])
+            for b in range(B)]
+    norms = assert_clipped_like_oracle(model, rows, R)
+    assert (norms > R).all()
+
+
+def test_hf_in_model_loss_with_unequal_padding_is_refused_at_run_time_with_the_fix():
+    """With padding, the batch-wide token mean makes each sequence's gradient depend on the
+    others' lengths, which clipping cannot bound: the step is refused, no gradient released."""
     hf, _, (ids,), _ = gpt2()
     labels = ids.clone()
     labels[0, 5:] = -100
-
-    class WithLoss(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x, y):
-            return self.model(input_ids=x, labels=y).loss
-
-    compiled = torch.compile(WithLoss(hf), backend="dp", options={"noise_multiplier": 0.0})
-    with pytest.raises(Exception, match="average the loss per sequence first"):
+    model = WithLoss(hf)
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0})
+    with pytest.raises(Exception, match="Average the loss per sequence first"):
         compiled(ids, labels).backward()
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_padded_sequences_with_a_per_sequence_loss_clip_like_the_oracle():

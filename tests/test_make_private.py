@@ -99,3 +99,29 @@ def test_needs_exactly_one_of_epsilon_or_sigma():
         make()
     with pytest.raises(dpcompile.DPCompileError, match="epochs"):
         make(target_epsilon=1.0)
+
+
+def test_two_private_models_with_equal_options_keep_their_own_privacy_state():
+    """Dynamo would reuse the first model's graph (and privacy state) for a second instance of the
+    same class with equal options; make_private keeps them apart, direct compiles are refused."""
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        model, opt, loader = dpcompile.make_private(net, opt, DataLoader(data, batch_size=16),
+                                                    noise_multiplier=1.0, max_grad_norm=1.0, seed=3)
+        for x, y in loader:
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        states.append(dpcompile.privacy_state(net))
+    assert states[0] is not states[1]
+    assert states[0].steps == states[1].steps == len(loader)
+
+    options = {"noise_multiplier": 0.0}
+    first, second = nn.Linear(4, 2), nn.Linear(4, 2)
+    torch.compile(first, backend="dp", options=options)(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(dpcompile.DPCompileError, match="reused a graph compiled for another model"):
+        torch.compile(second, backend="dp", options=options)(torch.randn(3, 4)).sum()

@@ -207,3 +207,44 @@ def test_two_calls_before_one_backward_are_refused():
     with pytest.raises(DPCompileError, match="several compiled graphs"):
         loss.backward()
     assert model.weight.grad is None
+
+
+def test_a_gradient_that_bypasses_the_compiled_graph_is_refused_not_released():
+    """Calling the original module (or torch.compile falling back to eager after a recompile limit)
+    would put unclipped, noiseless gradients into p.grad: refused, and the gradient discarded."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    compiled = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})
+    compiled(torch.randn(3, 4)).sum().backward()  # private: fine
+    net.zero_grad(set_to_none=True)
+    with pytest.raises(Exception, match="did not run through its dp-compiled graph"):
+        net(torch.randn(3, 4)).sum().backward()
+    assert all(p.grad is None for p in net.parameters())
+
+
+class TokenMeanLoss(nn.Module):
+    """A sequence model that returns its own loss, averaged over all tokens of the batch."""
+
+    def __init__(self, class_weight=None):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 6), nn.Linear(6, 11)
+        self.class_weight = class_weight
+
+    def forward(self, ids, labels):
+        logits = self.head(self.emb(ids))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=self.class_weight)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("loss_reduction_sum", "loss_reduction option is 'sum'"),
+    ("class_weights", "class-weighted loss"),
+])
+def test_in_model_token_mean_is_refused_when_it_is_not_a_mean_of_per_sample_means(case, message):
+    """A batch-wide token mean equals the mean of per-sample means only for equal counts, no
+    class weights, and a mean loss_reduction (else clipping sees mis-scaled gradients)."""
+    model = TokenMeanLoss(torch.rand(11) if case == "class_weights" else None)
+    options = {"noise_multiplier": 0.0, "loss_reduction": "sum" if case == "loss_reduction_sum" else "mean"}
+    compiled = torch.compile(model, backend="dp", options=options)
+    ids = torch.randint(0, 11, (4, 5))
+    with pytest.raises(Exception, match=message):
+        compiled(ids, ids).backward()
+    assert all(p.grad is None for p in model.parameters())

@@ -20,32 +20,39 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ..distributed import check_compile
 from ..errors import DPCompileError
 from ..options import DPOptions
 from ..passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
-from ..passes.base import CompileContext, node_shape, to_expr
-from ..state import STATE_ATTR, PrivacyState
-from ..runtime import PrivateBackward
+from ..passes.base import HOOKS, CompileContext, node_shape, to_expr
+from ..state import STATE_ATTR, PrivacyState, guard_parameters
+from ..runtime import OwnParametersOnly, PrivateBackward
 
 aten = torch.ops.aten
 KEPT_BACKWARD_OPS = (aten.embedding_dense_backward, aten.native_layer_norm_backward,
-                     aten.native_group_norm_backward, aten.convolution_backward)
+                     aten.native_group_norm_backward, aten.convolution_backward,
+                     aten.nll_loss_backward, aten.nll_loss2d_backward)
 _graph_ids = itertools.count()
+_instances = itertools.count()
 _states_by_options: dict[int, PrivacyState] = {}
 
 
 def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                mode: str | None = None, **unused: Any):
     state = _state_for(options, example_inputs)
+    check_compile(state)  # under DDP: refuses Dynamo's DDPOptimizer (one graph per bucket) and make_private models
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and reason.graph_break:
         state.multi_graph = True  # another graph follows: clip factors need all of them
     ctx = CompileContext(options=state.options, graph_id=next(_graph_ids),
                          param_names={}, input_kinds=[], deferred=state.multi_graph)
     _classify_inputs(gm, example_inputs, ctx)
+    if HOOKS.keep_graphs:  # export maps the graph inputs back to parameters and user inputs
+        ctx.graphs["example_inputs"] = list(example_inputs)
     state.compiled.append(ctx)
     inner = functools.partial(_inner_compile, ctx=ctx, state=state)
     with torch._functorch.config.patch(enable_autograd_cache=False):
@@ -78,16 +85,21 @@ def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacySt
             _states_by_options[id(options)] = state
     for p in params:
         setattr(p, STATE_ATTR, state)
+    guard_parameters(params)
     return state
 
 
 def register_state(options: dict, module: torch.nn.Module) -> PrivacyState:
-    """Create the privacy state before the first compile (make_private needs it for its loader)."""
+    """Create the privacy state before the first compile (make_private needs it for its loader).
+    Marks `options` with a fresh instance number: equal options of another model must not
+    let torch.compile reuse this model's graph."""
+    options.setdefault("instance", next(_instances))
     state = PrivacyState(DPOptions.from_dict(options))
     state.options_dict = options
     _states_by_options[id(options)] = state
     for p in module.parameters():
         setattr(p, STATE_ATTR, state)
+    guard_parameters(module.parameters())
     return state
 
 
@@ -144,16 +156,37 @@ def _param_name(source: str, fallback: str) -> str:
 def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: CompileContext,
                    state: PrivacyState, **kwargs: Any):
     if kwargs.get("is_inference"):
-        return compile_fx_inner(gm, example_inputs, **kwargs)
+        return _compile_graph(gm, example_inputs, kwargs)
     if not kwargs.get("is_backward"):
         run_pipeline(FORWARD_PIPELINE, gm, ctx)
         ctx.tangent_layouts = _tangent_layouts(gm)
-        return compile_fx_inner(gm, example_inputs, **kwargs)
+        _keep_graph(ctx, "forward", gm)
+        return OwnParametersOnly(_compile_graph(gm, example_inputs, kwargs), ctx, state)
     run_pipeline(BACKWARD_PIPELINE, gm, ctx)
+    input_names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     decomposed, inputs = _decompose(gm, example_inputs, ctx)
     ctx.final_graph = decomposed
-    compiled = compile_fx_inner(decomposed, inputs, **kwargs)
+    _keep_graph(ctx, "backward", decomposed, input_names=input_names)
+    compiled = _compile_graph(decomposed, inputs, kwargs)
     return PrivateBackward(compiled, state, ctx)
+
+
+def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], kwargs: dict):
+    if HOOKS.skip_inductor:  # inspection/export only need the graphs: run them as Python
+        return make_boxed_func(gm.forward)
+    return compile_fx_inner(gm, example_inputs, **kwargs)
+
+
+def _keep_graph(ctx: CompileContext, which: str, gm: fx.GraphModule, **info: Any) -> None:
+    """For inspection/export: a copy of the graph as it is before Inductor rewrites it in place."""
+    if not HOOKS.keep_graphs:
+        return
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    ctx.graphs[which] = fx.GraphModule(gm, graph)
+    if which == "forward":  # user outputs come first, then what the backward saves
+        info["forward_returns"] = torch._guards.TracingContext.get().fw_metadata.num_forward_returns
+    ctx.graphs[which + "_info"] = info
 
 
 def _tangent_layouts(fw_gm: fx.GraphModule) -> list[Any]:
@@ -170,7 +203,8 @@ def _decompose(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileCo
     fake_mode = detect_fake_mode(example_inputs)
     device = next(x.device for x in example_inputs if isinstance(x, torch.Tensor))
     with fake_mode:
-        extra = [torch.empty(shape, device=device) for shape in ctx.runtime_inputs.values()]
+        extra = [torch.empty(shape, device=device, dtype=ctx.runtime_dtypes.get(name, torch.float32))
+                 for name, shape in ctx.runtime_inputs.items()]
     inputs = list(example_inputs) + extra
     interpreter = fx.Interpreter(gm)
     with fake_mode:

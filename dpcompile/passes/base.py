@@ -24,6 +24,8 @@ class PassRecord:
     notes: list[str] = dataclasses.field(default_factory=list)
     table: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     code_after: str = ""
+    graph_before: Any = None  # snapshots, only while HOOKS.snapshot is set (dpcompile.inspection)
+    graph_after: Any = None
 
 
 @dataclasses.dataclass
@@ -44,7 +46,9 @@ class CompileContext:
     deferred: bool = False  # graph-break mode: clip and noise after the whole backward
     params: dict[int, Any] = dataclasses.field(default_factory=dict)  # forward input index -> Parameter
     runtime_inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # extra backward inputs: shape
+    runtime_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)  # if not float32
     extra_outputs: list[str] = dataclasses.field(default_factory=list)  # extra backward outputs
+    graphs: dict[str, Any] = dataclasses.field(default_factory=dict)  # pre-Inductor graphs (HOOKS.keep_graphs)
 
     @property
     def noise_key(self) -> str:
@@ -54,6 +58,21 @@ class CompileContext:
 
 
 Pass = Callable[[fx.GraphModule, CompileContext], PassRecord]
+
+
+@dataclasses.dataclass
+class InspectionHooks:
+    """What the passes keep beyond their records; all off by default (big models have big graphs).
+    `dpcompile.inspection` turns them on (`capture_graphs()`, ``DPCOMPILE_LOGS``)."""
+
+    snapshot: Callable[[fx.GraphModule], Any] | None = None  # graph -> snapshot, before/after each pass
+    keep_graphs: bool = False  # keep the final forward/backward FX graphs (before Inductor) in ctx.graphs
+    skip_inductor: bool = False  # run those graphs as Python (quick inspection/export; no kernels)
+    observers: list[Callable[[PassRecord, fx.GraphModule, CompileContext], None]] = dataclasses.field(
+        default_factory=list)  # called after each pass (the DPCOMPILE_LOGS logger)
+
+
+HOOKS = InspectionHooks()
 
 
 def to_expr(size: Any) -> sympy.Expr:
@@ -75,6 +94,8 @@ def run_recorded(name: str, which: str, gm: fx.GraphModule, body: Callable[[], N
     """Run `body` (which edits gm in place) and record the nodes it added/removed."""
     before = {n.name for n in gm.graph.nodes}
     record = PassRecord(name=name, graph=which, nodes_before=len(before))
+    if HOOKS.snapshot is not None:
+        record.graph_before = HOOKS.snapshot(gm)
     body_record = body()
     after = {n.name for n in gm.graph.nodes}
     record.nodes_after = len(after)
@@ -84,4 +105,6 @@ def run_recorded(name: str, which: str, gm: fx.GraphModule, body: Callable[[], N
         record.notes.extend(body_record.get("notes", []))
         record.table.extend(body_record.get("table", []))
     record.code_after = gm.code if hasattr(gm, "code") else ""
+    if HOOKS.snapshot is not None:
+        record.graph_after = HOOKS.snapshot(gm)
     return record

@@ -63,6 +63,8 @@ def run(gm: fx.GraphModule, ctx: CompileContext, which: str = "backward"):
 
     def body():
         propagate(gm.graph, ctx, which)
+        if which == "backward":
+            guard_token_means(gm.graph, ctx)
 
     return run_recorded("batch_dim", which, gm, body)
 
@@ -543,12 +545,41 @@ def _nll_forward(node: fx.Node) -> Any:
     return (lay.at(lay.dim) if reduction == 0 else AGG, AGG)
 
 
+TOKEN_MEAN = "dp_token_mean"
+
+
 def _nll_backward(node: fx.Node) -> Any:
     """grad_out, self, target, weight, reduction, ignore_index, total_weight: a mean (1) divides
-    by a count over the whole batch, the same batch-wide scaling _pointwise refuses."""
+    by the count of non-ignored tokens of the whole batch. That is a mean over samples of
+    per-sample token means only when every sample has the same count (HF's causal-LM loss
+    ignores one position per sequence, classification none): accepted under a run-time
+    check of exactly that (``guard_token_means``); class weights are refused."""
     if node.args[4] == 1 and isinstance(layout_of(node.args[1]), Batched):
-        return _pointwise_with_agg_refused(node)
+        if node.args[3] is not None:
+            raise _mix(node, "averages a class-weighted loss over the whole batch, so one sample's gradient "
+                             "depends on the other samples' labels",
+                       "compute the weighted loss per sequence, then average over sequences")
+        node.meta[TOKEN_MEAN] = True
     return layout_of(node.args[1])
+
+
+def guard_token_means(graph: fx.Graph, ctx: CompileContext) -> None:
+    """Route each batch-wide token count through a run-time check that all samples count alike."""
+    from ..per_sample import checked_token_count
+
+    for node in [n for n in graph.nodes if n.meta.get(TOKEN_MEAN)]:
+        if ctx.options.loss_reduction != "mean":
+            raise _mix(node, f"is a mean over the batch's tokens but the loss_reduction option is "
+                             f"'{ctx.options.loss_reduction}', so clipping would see mis-scaled per-sample gradients",
+                       "set loss_reduction='mean' for a model that returns a mean loss")
+        target, ignore_index, total_weight = node.args[2], node.args[5], node.args[6]
+        lay = layout_of(target)
+        layout = (lay.dim, lay.outer, lay.inner) if isinstance(lay, Batched) else None
+        with graph.inserting_before(node):
+            checked = graph.call_function(checked_token_count,
+                                          (total_weight, target, ignore_index, layout, describe_node(node)))
+        checked.meta.update(total_weight.meta)
+        node.update_arg(6, checked)
 
 
 def _pointwise_with_agg_refused(node: fx.Node) -> Any:

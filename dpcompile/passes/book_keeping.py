@@ -42,17 +42,24 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     graph = gm.graph
     grads: list[ParamGrad] = ctx.plan["param_grads"]
     if not grads:
+        if ctx.deferred:  # a graph-break piece without parameters (e.g. the loss): nothing to clip here
+            ctx.extra_outputs = []
+            return []
         raise DPCompileError("dpcompile: this graph computes no parameter gradient; nothing to make private")
     batch = ctx.batch_hint  # the example batch size: the cost model's B
     budget = ctx.options.memory_budget_mb * 2**20
     out_node = graph.output_node()
     table, sq_norms, finishers, per_sample_grads = [], [], [], []
+    expanders = ctx.plan["lsg_expand"] = {}  # position -> reduced clipped sum -> parameter gradient
     with graph.inserting_before(out_node):
         for g in grads:
             costs = _costs(g, ctx.batch_size)
             wanted = "phantom" if ctx.options.strategy == "ghost" and "phantom" in costs else ctx.options.strategy
             strategy = "instantiate" if ctx.deferred else cost_model.choose(costs, batch, wanted, budget)
-            if strategy == "ghost":
+            if g.lsg is not None:
+                strategy = "lsg"
+                sq, finish = _lsg(graph, g, expanders)
+            elif strategy == "ghost":
                 sq, finish = _ghost(graph, g)
             elif strategy == "phantom":
                 sq, finish = _phantom(graph, g)
@@ -78,8 +85,9 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
         ctx.plan["weights"], ctx.plan["sample_norms"] = weights, norms
         ctx.plan["clipped"] = {g.position: finish(weights) for g, finish in finishers}
     outputs = list(out_node.args[0])
-    for position, clipped in ctx.plan["clipped"].items():
-        outputs[position] = clipped
+    with graph.inserting_before(out_node):
+        for position, clipped in ctx.plan["clipped"].items():
+            outputs[position] = expanders[position](clipped) if position in expanders else clipped
     out_node.args = (tuple(outputs) + (norms,),)
     ctx.extra_outputs = ["sample_norms"]
     _trim_tuple_sites(graph)
@@ -119,7 +127,10 @@ def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
         a, b = site.node.args
         la = a.meta["dp_layout"]
         n, m = int(node_shape(a)[0]), int(node_shape(b)[1])
-        return cost_model.linear(la.outer * la.inner, n, m)
+        costs = cost_model.linear(la.outer * la.inner, n, m, site.node.meta["val"].dtype.itemsize)
+        if g.lsg is not None:
+            costs.update(cost_model.lsg(la.outer * la.inner, n, m, g.lsg.rank, g.lsg.kept))
+        return costs
     if g.reshape_only and site.kind == "embedding" and _ghostable_embedding(site):
         grad = site.node.args[0]
         rows = sympy.Mul(*node_shape(grad)[:-1]) / batch_size
@@ -183,6 +194,26 @@ def _phantom(graph: fx.Graph, g: ParamGrad):
     def finish(weights: fx.Node) -> fx.Node:
         return _replay_post(graph, g, {s.value: _weighted_site(graph, s, weights) for s in (emb, lin)})
 
+    return sq, finish
+
+
+def _lsg(graph: fx.Graph, g: ParamGrad, expanders: dict):
+    """Norms and clipped sums of the kept low-rank coordinates (see passes/lsg.py)."""
+    site, plan = g.sites[0], g.lsg
+    a, b = site.node.args
+    reduced = graph.call_function(per_sample.lsg_reduced,
+                                  (a, b, _layout(a), _layout(b), plan.left, plan.right, plan.index))
+    sq = graph.call_function(per_sample.sq_norm, (reduced,))
+    dtype = site.node.meta["val"].dtype
+
+    def expand(coords: fx.Node) -> fx.Node:
+        full = graph.call_function(per_sample.lsg_reconstruct, (coords, plan.index, plan.left, plan.right, dtype))
+        return _replay_post(graph, g, {site.value: full})
+
+    def finish(weights: fx.Node) -> fx.Node:
+        return graph.call_function(per_sample.weighted_sum, (weights, reduced))
+
+    expanders[g.position] = expand
     return sq, finish
 
 

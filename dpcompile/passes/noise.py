@@ -1,11 +1,16 @@
 """noise: add Gaussian noise to the clipped sums and divide by the batch size.
 
-Two runtime inputs are appended to the backward graph: ``dp_noise``, a flat float32
-N(0, 1) vector covering every privatized gradient of the graph (drawn by the runtime
-from the privacy state's seeded generator, so the stream is reproducible and
-checkpointable), and ``dp_scalars = [σ·R or 0, expected batch size or 0]``. The noise
-std is a runtime value so that gradient-accumulation micro-steps add none and the
-last one adds it once.
+Two runtime inputs are appended to the backward graph, after those of earlier passes:
+``dp_noise``, a flat float32 N(0, 1) vector covering every privatized gradient of the
+graph (drawn by the runtime from the privacy state's seeded generator, so the stream is
+reproducible and checkpointable; an lsg weight takes noise on its k kept coordinates
+only and is expanded to its shape afterwards), and ``dp_scalars = [σ·R or 0, expected
+batch size or 0]``. The noise std is a runtime value so that gradient-accumulation
+micro-steps add none and the last one adds it once.
+
+Correlated mode (``noise_mechanism="bsr"``): the graph is the same; ``dp_noise`` then holds
+w_t = (C⁻¹Z)_t of the banded square root C instead of z_t, computed by the runtime's
+recursion over the last p − 1 noise vectors of this graph's stream (`dpcompile.bsr`).
 """
 from __future__ import annotations
 
@@ -25,7 +30,6 @@ def run(gm: fx.GraphModule, ctx: CompileContext):
 
 def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
     if ctx.deferred:
-        ctx.runtime_inputs = {}
         return ["graph-break mode: noise is added once per step after the whole backward (PrivacyState)"]
     graph = gm.graph
     last_input = list(graph.find_nodes(op="placeholder"))[-1]
@@ -37,19 +41,21 @@ def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
     outputs = list(out_node.args[0])
     offset = 0
     sizes = {}
-    shapes = {g.position: g.output.meta["val"].shape for g in ctx.plan["param_grads"]}
+    numels = {g.position: int(torch.Size(g.output.meta["val"].shape).numel()) for g in ctx.plan["param_grads"]}
+    numels.update({position: plan.kept for position, plan in ctx.plan.get("lsg", {}).items()})
+    expanders = ctx.plan.get("lsg_expand", {})
     with graph.inserting_before(out_node):
         for position, clipped in sorted(ctx.plan["clipped"].items()):
-            numel = int(torch.Size(shapes[position]).numel())
-            outputs[position] = graph.call_function(
-                per_sample.privatize, (clipped, noise, offset, scalars, ctx.plan["weights"]))
-            sizes[position] = (offset, numel)
-            offset += numel
+            noisy = graph.call_function(per_sample.privatize, (clipped, noise, offset, scalars, ctx.plan["weights"]))
+            outputs[position] = expanders[position](noisy) if position in expanders else noisy
+            sizes[position] = (offset, numels[position])
+            offset += numels[position]
     out_node.args = (tuple(outputs),)
     graph.eliminate_dead_code()
     gm.recompile()
     ctx.plan["noise_numel"] = offset
     ctx.plan["noise_slices"] = sizes
-    ctx.runtime_inputs = {"dp_noise": (offset,), "dp_scalars": (2,)}
-    return [f"Gaussian noise over {offset} gradient coordinates; std σ·R = "
+    ctx.runtime_inputs.update({"dp_noise": (offset,), "dp_scalars": (2,)})
+    kind = "BSR-correlated noise (C⁻¹Z)_t" if ctx.options.noise_mechanism == "bsr" else "Gaussian noise"
+    return [f"{kind} over {offset} gradient coordinates; std σ·R = "
             f"{ctx.options.noise_multiplier * ctx.options.max_grad_norm:g} (runtime input)"]

@@ -68,6 +68,7 @@ class ParamGrad:
     sites: list[Site]
     post: list[fx.Node]  # linear, sample-free ops from the sites to `output`, in graph order
     phantom: Any = None  # a phantom.PhantomPlan for tied embeddings
+    lsg: Any = None  # an lsg.LSGPlan for low-rank + sparse weights
 
     @property
     def reshape_only(self) -> bool:
@@ -198,3 +199,20 @@ def _check_linear(node: fx.Node, name: str) -> None:
             f"dpcompile: gradient of parameter `{name}` goes through {describe_node(node)} after being summed "
             "over samples, and that op is not linear, so it cannot be split per sample."
         )
+
+
+def count_transposes(start: fx.Node, stop: fx.Node) -> int | None:
+    """Number of 2-D transposes on the single-user path start -> stop (None if it branches
+    or permutes more than two dims)."""
+    count, node = 0, start
+    while node is not stop:
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        node = users[0]
+        if node.target in (aten.t.default, aten.transpose.int) or (
+                node.target is aten.permute.default and list(node.args[1]) == [1, 0]):
+            count += 1
+        elif node.target is aten.permute.default:
+            return None
+    return count

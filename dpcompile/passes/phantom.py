@@ -19,10 +19,9 @@ import torch
 import torch.fx as fx
 
 from .base import CompileContext, run_recorded
-from .param_grads import SHAPE_OPS, ParamGrad, Site
+from .param_grads import SHAPE_OPS, ParamGrad, Site, count_transposes
 
 aten = torch.ops.aten
-TRANSPOSES = {aten.t.default, aten.transpose.int}
 
 
 @dataclasses.dataclass
@@ -53,22 +52,7 @@ def match(g: ParamGrad) -> PhantomPlan | None:
         return None
     embedding = next(s for s in g.sites if s.kind == "embedding")
     linear = next(s for s in g.sites if s.kind == "linear")
-    flips_in, flips_out = _transposes(embedding.value, adds[0]), _transposes(linear.value, adds[0])
+    flips_in, flips_out = count_transposes(embedding.value, adds[0]), count_transposes(linear.value, adds[0])
     if flips_in is None or flips_out is None or flips_in % 2:
         return None
     return PhantomPlan(embedding, linear, transposed=bool(flips_out % 2))
-
-
-def _transposes(start: fx.Node, stop: fx.Node) -> int | None:
-    """Number of 2-D transposes on the single-user path start -> stop (None if it branches)."""
-    count, node = 0, start
-    while node is not stop:
-        users = list(node.users)
-        if len(users) != 1:
-            return None
-        node = users[0]
-        if node.target in TRANSPOSES or (node.target is aten.permute.default and list(node.args[1]) == [1, 0]):
-            count += 1
-        elif node.target is aten.permute.default:
-            return None
-    return count
