@@ -214,3 +214,24 @@ def test_frozen_parameters_are_left_out_of_the_norm():
     want, _ = oracle_clipped_sum(model, x, y, 0.05)  # the oracle differentiates trainable ones only
     assert model.wte.weight.grad is None
     assert_close({k: v for k, v in got.items() if k in want}, want, seed)
+
+
+@pytest.mark.parametrize("name", list(MODELS) + ["graph_break"])
+def test_poisson_batch_sizes_down_to_one_sample_clip_like_the_oracle(name):
+    """Poisson sampling draws batches of any size, one sample included (Dynamo compiles a
+    static B=1 graph for it, where matmuls with a size-1 dim must not hide the samples)."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = BreakNet() if name == "graph_break" else MODELS[name]()
+    model.to(DEVICE)
+    R = 0.05
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0, "max_grad_norm": R})
+    for size in (4, 1, 3):
+        x, y = type(model).batch(size)
+        if size > 1:
+            torch._dynamo.mark_dynamic(x, 0)
+        model.zero_grad(set_to_none=True)
+        batch_loss(compiled(x.to(DEVICE)), y.to(DEVICE)).backward()
+        got = {k: p.grad.double().cpu() * size for k, p in model.named_parameters()}
+        want, _ = oracle_clipped_sum(model, x, y, R)
+        assert_close(got, want, seed)

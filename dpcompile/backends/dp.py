@@ -36,6 +36,10 @@ aten = torch.ops.aten
 KEPT_BACKWARD_OPS = (aten.embedding_dense_backward, aten.native_layer_norm_backward,
                      aten.native_group_norm_backward, aten.convolution_backward,
                      aten.nll_loss_backward, aten.nll_loss2d_backward)
+# Inductor rewrites matmuls with a size-1 dim as broadcast-multiply + sum; with a batch of
+# one sample that broadcast hides which dim holds the samples. Keep them as matmuls
+# until after the DP passes (the backward re-trace still decomposes them).
+KEPT_MATMULS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
 _graph_ids = itertools.count()
 _instances = itertools.count()
 _states_by_options: dict[int, PrivacyState] = {}
@@ -61,9 +65,9 @@ def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict 
 
 @functools.lru_cache(None)
 def aot_decompositions() -> dict:
-    """Inductor's decompositions, minus the backward ops the DP passes pattern-match."""
+    """Inductor's decompositions, minus the ops the DP passes must see as they are."""
     return {op: fn for op, fn in select_decomp_table().items()
-            if getattr(op, "overloadpacket", None) not in KEPT_BACKWARD_OPS}
+            if getattr(op, "overloadpacket", None) not in KEPT_BACKWARD_OPS + KEPT_MATMULS}
 
 
 # ----------------------------------------------------------------------------- state
