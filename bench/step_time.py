@@ -1,8 +1,13 @@
 """Training-step time and peak memory, side by side in one process:
-non-private eager, non-private torch.compile (Inductor), Opacus (if installed) and dpcompile.
+non-private eager, non-private torch.compile (Inductor), Opacus (hooks and ghost clipping, if
+installed) and dpcompile.
 
-    python bench/step_time.py --model gpt2 --batch 8 --seq 1024 --dtype bf16
-    python bench/step_time.py --model gpt2 --layers 2 --seq 128 --batch 4 --device cpu   # smoke run
+    python bench/step_time.py --batch 8 --seq 1024 --dtype bf16                 # GPT-2-small-style LM
+    python bench/step_time.py --model vit --batch 64 --dtype bf16               # ViT-S/16 on 224² images
+    python bench/step_time.py --layers 2 --seq 128 --batch 4 --device cpu       # smoke run
+
+The first step (compilation) is timed too; set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 so
+that every mode compiles from scratch.
 
 Prints one row per mode (ms/step, tokens/s, peak GiB, ratio to non-private compile) and
 writes the table as JSON to --out if given.
@@ -20,8 +25,9 @@ import torch.nn.functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
+    def __init__(self, d: int, heads: int, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc, self.fc_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
@@ -31,7 +37,7 @@ class Block(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
         return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 
@@ -55,10 +61,44 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+class ViT(nn.Module):
+    """ViT-style image classifier: Conv2d patches, the GPT blocks without the causal mask."""
+
+    def __init__(self, image=224, patch=16, d=384, heads=6, layers=12, classes=1000):
+        super().__init__()
+        self.patches = nn.Conv2d(3, d, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2, d))
+        self.blocks = nn.ModuleList(Block(d, heads, causal=False) for _ in range(layers))
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, images):
+        x = self.patches(images).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x).mean(1))
+
+
 def make_model(args):
     torch.manual_seed(0)
+    if args.model == "vit":
+        return ViT(d=args.width, heads=args.width // 64, layers=args.layers).to(args.device)
     return GPT(vocab=args.vocab, ctx=args.seq, d=args.width, heads=args.width // 64, layers=args.layers,
                tied=args.tied).to(args.device)
+
+
+def make_batch(args):
+    """(inputs, targets, items per step): token ids for the LM, 224² images for the ViT."""
+    g = torch.Generator(device=args.device).manual_seed(0)
+    if args.model == "vit":
+        images = torch.randn(args.batch, 3, 224, 224, device=args.device, generator=g)
+        return images, torch.randint(0, 1000, (args.batch,), device=args.device, generator=g), args.batch
+    idx = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
+    target = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
+    return idx, target, args.batch * args.seq
+
+
+def loss_of(logits, target):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
 
 
 def time_steps(step, args) -> tuple[float, float]:
@@ -81,18 +121,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def runner(model, args, opt=None):
+def runner(model, args, opt=None, criterion=loss_of):
     opt = opt or torch.optim.SGD(model.parameters() if not hasattr(model, "_orig_mod") else
                                  model._orig_mod.parameters(), lr=1e-4)
-    g = torch.Generator(device=args.device).manual_seed(0)
-    idx = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
-    target = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device, generator=g)
+    inputs, target, _ = make_batch(args)
     autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
 
     def step():
         with autocast:
-            logits = model(idx)
-            loss = F.cross_entropy(logits.reshape(-1, args.vocab).float(), target.reshape(-1))
+            loss = criterion(model(inputs), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -119,16 +156,22 @@ def bench_dpcompile(args, strategy, budget_mb=None):
     return runner(model, args, torch.optim.SGD(net.parameters(), lr=1e-4))
 
 
-def bench_opacus(args):
-    """Opacus per-sample-gradient hooks (optional dependency)."""
+def bench_opacus(args, mode="hooks"):
+    """Opacus per-sample-gradient hooks, or ghost clipping (two backwards), an optional dependency."""
     from opacus import PrivacyEngine
 
     net = make_model(args)
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
     data = torch.utils.data.TensorDataset(torch.zeros(args.batch * 4, dtype=torch.long))
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch)
-    model, opt, _ = PrivacyEngine().make_private(module=net, optimizer=opt, data_loader=loader,
-                                                 noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    common = {"module": net, "optimizer": opt, "data_loader": loader, "noise_multiplier": 1.0,
+              "max_grad_norm": 1.0, "poisson_sampling": False}
+    if mode == "ghost":
+        criterion = nn.CrossEntropyLoss()
+        model, opt, criterion, _ = PrivacyEngine().make_private(**common, criterion=criterion, grad_sample_mode="ghost")
+        return runner(model, args, opt, lambda logits, target: criterion(
+            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)))
+    model, opt, _ = PrivacyEngine().make_private(**common)
     return runner(model, args, opt)
 
 
@@ -148,6 +191,7 @@ def print_top_kernels(mode: str, step, args, top: int = 15) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", choices=["gpt", "vit"], default="gpt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--batch", type=int, default=8)
@@ -175,7 +219,9 @@ def main():
         "dp-lean": lambda: bench_dpcompile(args, "auto", budget_mb=0.0),
         "dp-rich": lambda: bench_dpcompile(args, "auto", budget_mb=4096.0),
         "opacus-hooks": lambda: bench_opacus(args),
+        "opacus-ghost": lambda: bench_opacus(args, "ghost"),
     }
+    items = make_batch(args)[2]
     rows = []
     for mode in args.modes.split(","):
         torch._dynamo.reset()
@@ -190,19 +236,20 @@ def main():
             ms, peak = time_steps(step, args)
             if args.profile:
                 print_top_kernels(mode, step, args)
-            rows.append({"mode": mode, "ms": ms, "tokens_per_s": args.batch * args.seq / ms * 1e3,
+            rows.append({"mode": mode, "ms": ms, "items_per_s": items / ms * 1e3,
                          "peak_gib": peak, "first_step_s": compile_s})
         except Exception as e:  # report and continue: one failing engine must not hide the others
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(json.dumps(rows[-1]), flush=True)
     base = next((r["ms"] for r in rows if r.get("mode") == "compile" and "ms" in r), None)
-    print(f"\n{args.device} {args.dtype} B={args.batch} T={args.seq} layers={args.layers} d={args.width} "
-          f"V={args.vocab} tied={args.tied}")
-    print(f"{'mode':16s} {'ms/step':>9s} {'tok/s':>10s} {'peak GiB':>9s} {'vs compile':>10s} {'1st step s':>10s}")
+    shape = "224² images" if args.model == "vit" else f"T={args.seq} V={args.vocab} tied={args.tied}"
+    print(f"\n{args.model} {args.device} {args.dtype} B={args.batch} {shape} layers={args.layers} d={args.width}")
+    unit = "img/s" if args.model == "vit" else "tok/s"
+    print(f"{'mode':16s} {'ms/step':>9s} {unit:>10s} {'peak GiB':>9s} {'vs compile':>10s} {'1st step s':>10s}")
     for r in rows:
         if "ms" in r:
             ratio = f"{base / r['ms']:.2f}" if base else "-"
-            print(f"{r['mode']:16s} {r['ms']:9.1f} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {ratio:>10s} "
+            print(f"{r['mode']:16s} {r['ms']:9.1f} {r['items_per_s']:10.0f} {r['peak_gib']:9.2f} {ratio:>10s} "
                   f"{r['first_step_s']:10.1f}")
         else:
             print(f"{r['mode']:16s} {r['error']}")

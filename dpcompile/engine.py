@@ -170,11 +170,15 @@ class DPDataLoader:
 
 
 def _mark_batch_dynamic(batch: Any) -> Any:
-    """Poisson batch sizes vary: compile the batch dim symbolically from the first step."""
+    """Poisson batch sizes vary: compile the batch dim symbolically from the first step.
+
+    maybe_mark_dynamic, not mark_dynamic: a model whose code specializes the batch size
+    (shape checks in Hugging Face layers) then gets a static graph instead of an error.
+    """
     tensors = batch if isinstance(batch, (list, tuple)) else [batch]
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 1:
-            torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 0)
     return batch
 
 
