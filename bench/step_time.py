@@ -55,7 +55,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
 
     def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        # positions as a (B, T) index: Opacus' per-sample hooks need the batch dim on every input
+        positions = torch.arange(idx.shape[1], device=idx.device).repeat(idx.shape[0], 1)
+        x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))

@@ -235,3 +235,40 @@ def test_poisson_batch_sizes_down_to_one_sample_clip_like_the_oracle(name):
         got = {k: p.grad.double().cpu() * size for k, p in model.named_parameters()}
         want, _ = oracle_clipped_sum(model, x, y, R)
         assert_close(got, want, seed)
+
+
+class PaddedFeatures(torch.nn.Module):
+    """Pads the feature dim of a transposed (features × samples) tensor, as Inductor's pad_mm
+    does to the vocab dim of LM-head gradients on GPUs; padding the sample dim is refused."""
+
+    def __init__(self, pad_samples=False):
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(10, 6), torch.nn.Linear(6 if pad_samples else 8, 3)
+        self.pad = (0, 2) if pad_samples else (0, 0, 0, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)).t()                     # (6, B): samples along dim 1
+        h = torch.nn.functional.pad(h, self.pad)           # (8, B), or (6, B + 2) when padding samples
+        return self.out(h.t()[: x.shape[0]])
+
+    @staticmethod
+    def batch(b):
+        return torch.randn(b, 10), torch.randint(0, 3, (b,))
+
+
+def test_padding_feature_dims_of_transposed_activations_clips_like_the_oracle():
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = PaddedFeatures()
+    x, y = PaddedFeatures.batch(5)
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=0.05)
+    want, norms = oracle_clipped_sum(model, x, y, 0.05)
+    assert (norms > 0.05).all()
+    assert_close(got, want, seed)
+
+
+def test_padding_the_sample_dim_is_refused():
+    model = PaddedFeatures(pad_samples=True)
+    x, y = PaddedFeatures.batch(5)
+    with pytest.raises(Exception, match="pads the batch dimension"):
+        compiled_clipped_sum(model, x, y)

@@ -493,6 +493,19 @@ def _multi_by_size(node: fx.Node, lay: Batched, rest: Any) -> Any:
     return one(val)
 
 
+def _constant_pad(node: fx.Node) -> Any:
+    """Padding other dims keeps each sample's entries in place (Inductor's pad_mm pads the
+    vocab dim of transposed LM-head gradients); padding the batch dim invents samples."""
+    lay = layout_of(node.args[0])
+    if not isinstance(lay, Batched):
+        return lay
+    pad, nd = node.args[1], _ndim(node)
+    padded = {nd - 1 - i // 2 for i, amount in enumerate(pad) if not (isinstance(amount, int) and amount == 0)}
+    if lay.dim in padded:
+        raise _mix(node, "pads the batch dimension")
+    return lay
+
+
 def _grad_site(node: fx.Node) -> Any:
     """Backward ops that return grad_input (per sample) and parameter grads (summed)."""
     aligned = [lay for _, lay in batched_args(node)]
@@ -717,7 +730,8 @@ _register(_batch_first, "convolution", "_convolution", "max_pool2d_with_indices"
           "max_pool3d_with_indices", "avg_pool2d", "avg_pool2d_backward", "avg_pool1d", "avg_pool3d",
           "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "adaptive_avg_pool1d", "upsample_nearest2d",
           "upsample_bilinear2d", "upsample_nearest2d_backward", "upsample_bilinear2d_backward", "im2col", "col2im",
-          "native_group_norm", "constant_pad_nd", "reflection_pad2d", "replication_pad2d")
+          "native_group_norm", "reflection_pad2d", "replication_pad2d")
+_register(_constant_pad, "constant_pad_nd")
 _register(_grad_site, "convolution_backward", "native_layer_norm_backward", "native_group_norm_backward")
 _register(_layer_norm, "native_layer_norm")
 _register(_batch_norm, "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
