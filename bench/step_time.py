@@ -171,8 +171,11 @@ def bench_opacus(args, mode="hooks"):
     if mode == "ghost":
         criterion = nn.CrossEntropyLoss()
         model, opt, criterion, _ = PrivacyEngine().make_private(**common, criterion=criterion, grad_sample_mode="ghost")
-        return runner(model, args, opt, lambda logits, target: criterion(
-            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)))
+        def loss(logits, target):  # sequences: Opacus averages each sequence's tokens given the shape
+            shape = {"shape": logits.shape} if logits.dim() == 3 else {}
+            return criterion(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), **shape)
+
+        return runner(model, args, opt, loss)
     model, opt, _ = PrivacyEngine().make_private(**common)
     return runner(model, args, opt)
 
