@@ -28,7 +28,8 @@ CUDA = os.environ.get("DPCOMPILE_TEST_DEVICE", "cpu") == "cuda"
 torch.backends.cuda.matmul.allow_tf32 = False
 # make_private: q = 8/64, then two draws at a negligible rate (empty: pure-noise steps). The seed
 # fixes the Poisson batch sizes (8, 6, 6, 6, 10, 11, 10, 11): with micro-batches of at most 3
-# samples on the ranks, none of one sample (dpcompile does not compile a batch of one yet).
+# samples on the ranks, none of one sample (a one-sample micro-batch would cost each rank a second
+# compile; test_clipping_oracle covers batches of one).
 MP_SEED, MP_STEPS, MP_PHYSICAL = 253, 8, 3
 # DDP(torch.compile(...)): 4 steps of 4 samples per rank, the last one accumulated in two halves,
 # with BSR correlated noise (the data-parallel scaling applies to whatever noise vector the state draws).
@@ -87,7 +88,7 @@ def make_private_run(seed: int | None, physical: int | None) -> dict:
 
 def rank_0_takes_the_first_batch(rank: int) -> None:
     """Step 0 gives rank 0 the whole draw and rank 1 nothing, as a draw with fewer samples than ranks
-    would (which needs a batch of one sample): rank 1 must join that step's all-reduce with zeros."""
+    would: rank 1 must join that step's all-reduce with zeros."""
     from dpcompile import engine
 
     split = engine.local_share
