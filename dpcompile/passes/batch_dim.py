@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
+from .. import per_sample
 from ..errors import DPCompileError, describe_node
 from .base import CompileContext, node_shape, run_recorded, to_expr
 
@@ -40,6 +41,10 @@ class Batched:
 
     def at(self, dim: int) -> "Batched":
         return Batched(dim, self.outer, self.inner)
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        """(dim, outer, inner): the form the per_sample helpers take inside graphs."""
+        return (self.dim, self.outer, self.inner)
 
 
 class _Marker:
@@ -578,8 +583,6 @@ def _nll_backward(node: fx.Node) -> Any:
 
 def guard_token_means(graph: fx.Graph, ctx: CompileContext) -> None:
     """Route each batch-wide token count through a run-time check that all samples count alike."""
-    from ..per_sample import checked_token_count
-
     for node in [n for n in graph.nodes if n.meta.get(TOKEN_MEAN)]:
         if ctx.options.loss_reduction != "mean":
             raise _mix(node, f"is a mean over the batch's tokens but the loss_reduction option is "
@@ -587,9 +590,9 @@ def guard_token_means(graph: fx.Graph, ctx: CompileContext) -> None:
                        "set loss_reduction='mean' for a model that returns a mean loss")
         target, ignore_index, total_weight = node.args[2], node.args[5], node.args[6]
         lay = layout_of(target)
-        layout = (lay.dim, lay.outer, lay.inner) if isinstance(lay, Batched) else None
+        layout = lay.as_tuple() if isinstance(lay, Batched) else None
         with graph.inserting_before(node):
-            checked = graph.call_function(checked_token_count,
+            checked = graph.call_function(per_sample.checked_token_count,
                                           (total_weight, target, ignore_index, layout, describe_node(node)))
         checked.meta.update(total_weight.meta)
         node.update_arg(6, checked)

@@ -163,8 +163,7 @@ def _rows_per_sample(site: Site) -> int:
 # ------------------------------------------------------------------ strategies
 
 def _layout(node: fx.Node) -> tuple[int, int, int]:
-    lay = node.meta["dp_layout"]
-    return (lay.dim, lay.outer, lay.inner)
+    return node.meta["dp_layout"].as_tuple()
 
 
 def _ghost(graph: fx.Graph, g: ParamGrad):
