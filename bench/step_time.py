@@ -189,9 +189,10 @@ def print_top_kernels(mode: str, step, args, top: int = 15) -> None:
         for _ in range(3):
             step()
         sync(args.device)
-    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-    print(f"--- {mode}: top kernels over 3 steps")
-    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70), flush=True)
+    keys = ["self_cuda_time_total", "self_cpu_time_total"] if args.device == "cuda" else ["self_cpu_time_total"]
+    for key in keys:  # device kernels, then the host side (Python, launches) that may starve them
+        print(f"--- {mode}: top {key} over 3 steps")
+        print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70), flush=True)
 
 
 def main():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dpcompile
+from dpcompile.inspection import report_of
 from models import CNN, MLP, BreakNet, Conv1dNet, TinyGPT, batch_loss, oracle_clipped_sum
 
 TOL = 1e-5
@@ -272,3 +273,68 @@ def test_padding_the_sample_dim_is_refused():
     x, y = PaddedFeatures.batch(5)
     with pytest.raises(Exception, match="pads the batch dimension"):
         compiled_clipped_sum(model, x, y)
+
+
+
+class _PaddedGradMatmul(torch.autograd.Function):
+    """x @ wᵀ whose weight gradient is computed the way Inductor's pad_mm rewrites an
+    unaligned GEMM on GPUs: zero-pad the vocab dim of the transposed output gradient, then
+    slice the result back. Written by hand so that CPU runs see that backward graph."""
+
+    generate_vmap_rule = True  # the oracle vmaps it
+
+    @staticmethod
+    def forward(x, weight):
+        return x @ weight.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        padded = torch.nn.functional.pad(g2.t(), (0, 0, 0, 3))  # (vocab + 3, rows)
+        return grad @ weight, torch.mm(padded, x2)[: weight.shape[0]]
+
+
+class PaddedHead(torch.nn.Module):
+    def __init__(self, vocab=7):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 6)
+        self.head = torch.nn.Parameter(torch.randn(vocab, 6) * 0.3)
+
+    def forward(self, idx):
+        return _PaddedGradMatmul.apply(torch.tanh(self.emb(idx)), self.head).mean(1)
+
+    @staticmethod
+    def batch(b):
+        return torch.randint(0, 7, (b, 5)), torch.randint(0, 7, (b,))
+
+
+def test_gemm_gradient_sliced_back_from_zero_padding_keeps_exact_ghost_norms():
+    """pad_mm's slice drops only zeros: the head keeps its ghost option and clips like the oracle."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = PaddedHead()
+    x, y = PaddedHead.batch(6)
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=0.05, strategy="ghost")
+    want, norms = oracle_clipped_sum(model, x, y, 0.05)
+    assert (norms > 0.05).all()
+    assert_close(got, want, seed)
+    plan = {row.param: row.strategy for row in report_of(model).table()}
+    assert plan["head"] == "ghost"
+
+
+@pytest.mark.parametrize("keep,pad_value,want", [(7, 0.0, True), (8, 0.0, True), (6, 0.0, False), (7, 1.0, False)])
+def test_a_slice_counts_as_norm_preserving_only_when_it_drops_zero_padding(keep, pad_value, want):
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from dpcompile.passes.param_grads import drops_only_padding
+
+    def padded_gemm(g, x):
+        return torch.mm(torch.nn.functional.pad(g.t(), (0, 0, 0, 3), value=pad_value), x)[:keep]
+
+    gm = make_fx(padded_gemm)(torch.randn(4, 7), torch.randn(4, 6))
+    (slice_node,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor]
+    assert drops_only_padding(slice_node) is want

@@ -123,7 +123,7 @@ def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
         grad, la = emb.node.args[0], lin.node.args[0].meta["dp_layout"]
         rows_in = int(sympy.Mul(*node_shape(grad)[:-1]) / batch_size)
         return cost_model.phantom(rows_in, la.outer * la.inner, int(node_shape(grad)[-1]), int(emb.node.args[2]))
-    if g.reshape_only and site.kind == "linear":
+    if g.norm_preserving and site.kind == "linear":
         a, b = site.node.args
         la = a.meta["dp_layout"]
         n, m = int(node_shape(a)[0]), int(node_shape(b)[1])
@@ -131,7 +131,7 @@ def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
         if g.lsg is not None:
             costs.update(cost_model.lsg(la.outer * la.inner, n, m, g.lsg.rank, g.lsg.kept))
         return costs
-    if g.reshape_only and site.kind == "embedding" and _ghostable_embedding(site):
+    if g.norm_preserving and site.kind == "embedding" and _ghostable_embedding(site):
         grad = site.node.args[0]
         rows = sympy.Mul(*node_shape(grad)[:-1]) / batch_size
         return cost_model.embedding(int(rows), int(node_shape(grad)[-1]), int(site.node.args[2]))

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import DPCompileError, describe_node
-from .base import CompileContext, run_recorded
+from .base import CompileContext, node_shape, run_recorded
 from .batch_dim import AGG, FREE, Batched, batched_args
 
 aten = torch.ops.aten
@@ -73,6 +73,12 @@ class ParamGrad:
     @property
     def reshape_only(self) -> bool:
         return len(self.sites) == 1 and all(n.target in SHAPE_OPS for n in self.post)
+
+    @property
+    def norm_preserving(self) -> bool:
+        """One site, and post ops that keep every per-sample entry or drop only zero padding:
+        the site's per-sample norm is the parameter's (ghost norms apply)."""
+        return len(self.sites) == 1 and all(n.target in SHAPE_OPS or drops_only_padding(n) for n in self.post)
 
     @property
     def kind(self) -> str:
@@ -216,3 +222,61 @@ def count_transposes(start: fx.Node, stop: fx.Node) -> int | None:
         elif node.target is aten.permute.default:
             return None
     return count
+
+
+# Ops through which a dim keeps its index (dtype casts, copies).
+_SAME_DIMS = {aten.clone.default, aten.alias.default, aten.contiguous.default, aten._to_copy.default,
+              torch.ops.prims.convert_element_type.default}
+
+
+def drops_only_padding(node: fx.Node) -> bool:
+    """A slice keeping [0, end) of a dim whose entries from `end` on are zero padding.
+
+    Inductor's pad_mm pads an unaligned GEMM operand with zeros and slices the result back
+    (the vocab dim of LM-head gradients on GPUs); the rows it drops are zero in every
+    sample's gradient, so the per-sample norm is unchanged."""
+    if node.target is not aten.slice.Tensor:
+        return False
+    x, dim, start, end, step = _slice_args(node)
+    if start not in (None, 0) or step != 1 or not isinstance(end, int):
+        return False
+    tail = _zero_tail(x, dim % len(node_shape(x)))
+    return tail is not None and tail <= end
+
+
+def _slice_args(node: fx.Node) -> tuple:
+    """slice.Tensor(x, dim=0, start=None, end=None, step=1) with the defaults filled in."""
+    defaults = (None, 0, None, None, 1)
+    return tuple(node.args) + defaults[len(node.args):]
+
+
+def _zero_tail(node: fx.Node, dim: int) -> int | None:
+    """k such that node[..., k:, ...] (along `dim`) is structurally zero, if the graph shows it."""
+    target = node.target
+    if target is aten.constant_pad_nd.default:
+        x, pad = node.args[0], node.args[1]
+        value = node.args[2] if len(node.args) > 2 else 0
+        i = 2 * (len(node_shape(node)) - 1 - dim)
+        left, right = (pad[i], pad[i + 1]) if i + 1 < len(pad) else (0, 0)
+        size = node_shape(x)[dim]
+        if value != 0 or not all(isinstance(v, int) for v in (left, right)) or not size.is_Integer:
+            return None
+        size = int(size)
+        if right > 0:
+            return left + size
+        inner = _zero_tail(x, dim)
+        return None if inner is None else left + inner
+    if target in _SAME_DIMS:
+        return _zero_tail(node.args[0], dim)
+    if target in (aten.t.default, aten.transpose.int, aten.permute.default):
+        ndim = len(node_shape(node))
+        if target is aten.permute.default:
+            order = [d % ndim for d in node.args[1]]
+        else:
+            a, b = (0, 1) if target is aten.t.default else (node.args[1] % ndim, node.args[2] % ndim)
+            order = list(range(ndim))
+            order[a], order[b] = b, a
+        return _zero_tail(node.args[0], order[dim])
+    if target is aten.mm.default:  # rows come from the first operand, columns from the second
+        return _zero_tail(node.args[0], 0) if dim == 0 else _zero_tail(node.args[1], 1)
+    return None
