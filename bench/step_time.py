@@ -212,7 +212,10 @@ def main():
     p.add_argument("--modes", default="eager,compile,dp-auto,dp-ghost,dp-instantiate,opacus-hooks")
     p.add_argument("--out")
     p.add_argument("--profile", action="store_true", help="print the top kernels of each mode (torch.profiler)")
+    p.add_argument("--combo-kernels", action="store_true",
+                   help="Inductor's horizontal fusion of independent kernels, for every compiled mode")
     args = p.parse_args()
+    torch._inductor.config.combo_kernels = args.combo_kernels
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 

@@ -249,11 +249,12 @@ class ParamPlan:
     module: str  # class of the owning nn.Module, when known
     kind: str  # site kind from param_grads: linear, conv, embedding, layer_norm, sum, shared(...)
     strategy: str  # ghost / instantiate / phantom / lsg
-    flops: float  # cost-model FLOPs of the per-sample norm + clipped sum at the example batch size
-    memory_bytes: float
+    flops: float  # cost-model extra FLOPs of the per-sample norm + clipped sum at the example batch size
+    memory_bytes: float  # extra bytes alive at once (what memory_budget_mb limits)
     flops_expr: str  # the same, symbolic in the batch size B
     memory_expr: str
     alternatives: dict[str, tuple[float, float]]  # other strategies: (FLOPs, bytes)
+    traffic_bytes: float = 0.0  # extra bytes read and written
 
 
 @dataclasses.dataclass
@@ -433,7 +434,8 @@ def plan_rows(record: PassRecord, modules: dict[str, str]) -> list[ParamPlan]:
         rows.append(ParamPlan(param=name, module=modules.get(name, ""), kind=row["kind"], strategy=row["strategy"],
                               flops=row["flops"], memory_bytes=row["memory_bytes"],
                               flops_expr=row.get("flops_expr", ""), memory_expr=row.get("memory_expr", ""),
-                              alternatives=dict(row.get("alternatives", {}))))
+                              alternatives=dict(row.get("alternatives", {})),
+                              traffic_bytes=row.get("traffic_bytes", 0.0)))
     return rows
 
 
@@ -458,8 +460,9 @@ def human(x: float, unit: str = "") -> str:
 
 
 def format_table(rows: Sequence[ParamPlan]) -> str:
-    header = ("param", "module", "kind", "strategy", "FLOPs", "memory", "alternatives (FLOPs / memory)")
+    header = ("param", "module", "kind", "strategy", "FLOPs", "memory", "traffic", "alternatives (FLOPs / memory)")
     body = [(r.param, r.module or "-", r.kind, r.strategy, human(r.flops), human(r.memory_bytes, "B"),
+             human(r.traffic_bytes, "B"),
              "; ".join(f"{k}: {human(f)} / {human(m, 'B')}" for k, (f, m) in r.alternatives.items()) or "-")
             for r in rows]
     return _columns(header, body)

@@ -71,6 +71,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
             flops, mem = costs[strategy].at(batch)
             table.append({"param": g.name, "kind": g.kind, "strategy": strategy,
                           "flops": flops, "memory_bytes": mem,
+                          "traffic_bytes": costs[strategy].traffic_at(batch),
                           "flops_expr": str(costs[strategy].flops), "memory_expr": str(costs[strategy].memory),
                           "alternatives": {k: c.at(batch) for k, c in costs.items() if k != strategy}})
         total = graph.call_function(per_sample.total_sq_norm, tuple(sq_norms))
