@@ -198,17 +198,20 @@ def lsg_reconstruct(coords: torch.Tensor, index: torch.Tensor, left: torch.Tenso
     return grad.to(dtype)
 
 
+def token_count_message(where: str) -> str:
+    """Device-side assert messages must stay under 255 characters (CUDA)."""
+    tail = (": token-mean loss over the whole batch, but samples have unequal non-ignored token counts; "
+            "no gradient released. Average each sequence's loss first, then over sequences.")
+    return "dpcompile: " + where[: 250 - len("dpcompile: ") - len(tail)] + tail
+
+
 def checked_token_count(total_weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
                         layout: tuple | None, where: str) -> torch.Tensor:
     """A token-mean loss's count B·c, after asserting every sample has c non-ignored tokens."""
     if layout is not None:
         counts = batch_front(target != ignore_index, layout).flatten(1).sum(1)
         where = "".join(c for c in where if c not in '"\\`\n')  # the message is pasted into C++/Triton source
-        torch._assert_async(counts.eq(counts[:1]).all(), (
-            f"dpcompile: {where} averages the loss over the tokens of the whole batch, and the samples of this "
-            "batch have different numbers of non-ignored tokens (padding / ignore_index), so one sample's "
-            "gradient would depend on the others. No gradient was released. Average the loss per sequence "
-            "first (mean over its own tokens), then over sequences, outside the compiled model."))
+        torch._assert_async(counts.eq(counts[:1]).all(), token_count_message(where))
     return total_weight
 
 

@@ -296,7 +296,7 @@ class _PaddedGradMatmul(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         padded = torch.nn.functional.pad(g2.t(), (0, 0, 0, 3))  # (vocab + 3, rows)
-        return grad @ weight, torch.mm(padded, x2)[: weight.shape[0]]
+        return grad @ weight, torch.ops.aten.slice.Tensor(torch.mm(padded, x2), 0, 0, -3)  # as pad_mm slices
 
 
 class PaddedHead(torch.nn.Module):
@@ -327,13 +327,15 @@ def test_gemm_gradient_sliced_back_from_zero_padding_keeps_exact_ghost_norms():
     assert plan["head"] == "ghost"
 
 
-@pytest.mark.parametrize("keep,pad_value,want", [(7, 0.0, True), (8, 0.0, True), (6, 0.0, False), (7, 1.0, False)])
+@pytest.mark.parametrize("keep,pad_value,want", [(7, 0.0, True), (-3, 0.0, True), (8, 0.0, True), (6, 0.0, False),
+                                                 (-4, 0.0, False), (7, 1.0, False)])
 def test_a_slice_counts_as_norm_preserving_only_when_it_drops_zero_padding(keep, pad_value, want):
     from torch.fx.experimental.proxy_tensor import make_fx
     from dpcompile.passes.param_grads import drops_only_padding
 
     def padded_gemm(g, x):
-        return torch.mm(torch.nn.functional.pad(g.t(), (0, 0, 0, 3), value=pad_value), x)[:keep]
+        padded = torch.mm(torch.nn.functional.pad(g.t(), (0, 0, 0, 3), value=pad_value), x)  # (10, 6)
+        return torch.ops.aten.slice.Tensor(padded, 0, 0, keep)  # as pad_mm writes it (negative ends too)
 
     gm = make_fx(padded_gemm)(torch.randn(4, 7), torch.randn(4, 6))
     (slice_node,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor]

@@ -143,7 +143,7 @@ def test_hf_in_model_loss_with_unequal_padding_is_refused_at_run_time_with_the_f
     labels[0, 5:] = -100
     model = WithLoss(hf)
     compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0})
-    with pytest.raises(Exception, match="Average the loss per sequence first"):
+    with pytest.raises(Exception, match="Average each sequence's loss first"):
         compiled(ids, labels).backward()
     assert all(p.grad is None for p in model.parameters())
 

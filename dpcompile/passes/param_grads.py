@@ -238,9 +238,12 @@ def drops_only_padding(node: fx.Node) -> bool:
     if node.target is not aten.slice.Tensor:
         return False
     x, dim, start, end, step = _slice_args(node)
-    if start not in (None, 0) or step != 1 or not isinstance(end, int):
+    shape = node_shape(x)
+    dim = dim % len(shape)
+    if start not in (None, 0) or step != 1 or not isinstance(end, int) or not shape[dim].is_Integer:
         return False
-    tail = _zero_tail(x, dim % len(node_shape(x)))
+    end = end + int(shape[dim]) if end < 0 else end  # pad_mm slices with a negative end
+    tail = _zero_tail(x, dim)
     return tail is not None and tail <= end
 
 
