@@ -40,12 +40,12 @@ PAD, CLS = 0, 1
 class LongTailTask:
     """Generator of the task; its probabilities are public (they set the effective errors)."""
 
-    def __init__(self, classes=8, keywords_per_class=4, background=400, length=16):
+    def __init__(self, classes=8, keywords_per_class=4, background=400, length=16, zipf=1.1):
         self.K, self.M, self.T = classes, keywords_per_class, length
         self.first_keyword, self.first_background = 2, 2 + classes * keywords_per_class
         self.vocab = self.first_background + background
         ranks = torch.arange(1, background + 1, dtype=torch.float64)
-        self.background_p = ranks.pow(-1.1) / ranks.pow(-1.1).sum()
+        self.background_p = ranks.pow(-zipf) / ranks.pow(-zipf).sum()
         prior = torch.arange(1, classes + 1, dtype=torch.float64).pow(-1.5)
         self.class_prior = prior / prior.sum()
 
@@ -72,9 +72,11 @@ class Classifier(nn.Module):
     """Embeddings → one Re-Attention block → [CLS] → linear head. reattention=False: zero variance,
     i.e. standard multi-head attention with the same parameters."""
 
-    def __init__(self, vocab, length, classes, token_variance, d=32, heads=2):
+    def __init__(self, vocab, length, classes, token_variance, d=32, heads=2, init_std=None):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        if init_std is not None:  # small (GPT/BERT-style) init: a rare token's row ends up mostly DP noise
+            nn.init.normal_(self.tok.weight, std=init_std)
         self.block = ReAttentionBlock(d, heads)
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
         self.register_buffer("token_variance", token_variance)
@@ -90,7 +92,7 @@ def train(task, train_set, token_variance, args, seed):
     # graph compiled for the previous model, privacy state included.
     torch._dynamo.reset()
     torch.manual_seed(seed)
-    net = Classifier(task.vocab, task.T, task.K, token_variance)
+    net = Classifier(task.vocab, task.T, task.K, token_variance, init_std=args.init_std)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     loader = DataLoader(train_set, batch_size=args.batch_size)
     model, opt, loader = dpcompile.make_private(net, opt, loader, target_epsilon=args.epsilon, target_delta=args.delta,
@@ -122,12 +124,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--train-size", type=int, default=40000)
+    parser.add_argument("--background", type=int, default=400, help="background vocabulary size")
+    parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of background frequencies")
+    parser.add_argument("--length", type=int, default=16)
+    parser.add_argument("--init-std", type=float, default=None, help="token embedding init std (default N(0, 1))")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 epochs, 4000 samples")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.train_size = 1, 2, 4000
 
-    task = LongTailTask()
+    task = LongTailTask(background=args.background, length=args.length, zipf=args.zipf)
     gen = torch.Generator().manual_seed(1234)
     train_set, test_set = TensorDataset(*task.sample(args.train_size, gen)), TensorDataset(*task.sample(8000, gen))
     tail_from = task.K // 2  # classes 4..7: the rarest half, 13 % of the data together
