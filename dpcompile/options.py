@@ -58,8 +58,7 @@ class LSGOptions:
 
     def validate(self) -> None:
         def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise DPCompileError(f"dp backend option lsg: {message}")
+            _require(ok, f"lsg: {message}")
 
         need(len(self.layers) > 0 and all(isinstance(p, str) for p in self.layers),
              f"layers must be name patterns, got {self.layers!r}")
@@ -153,10 +152,7 @@ class DPOptions:
         return opts
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise DPCompileError(f"dp backend option {message}")
-
+        need = _require
         need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0,
              f"max_grad_norm must be a positive number, got {self.max_grad_norm!r}")
         need(_is_number(self.noise_multiplier) and self.noise_multiplier >= 0,
@@ -183,9 +179,7 @@ class DPOptions:
 
     def _validate_noise_mechanism(self) -> None:
         """BSR settings: only with noise_mechanism="bsr", and with a participation schema it can account."""
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise DPCompileError(f"dp backend option {message}")
+        need = _require
 
         def positive_int(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool) and x >= 1
@@ -221,6 +215,11 @@ class DPOptions:
         for name in ("bsr_min_separation", "bsr_max_participations"):
             value = getattr(self, name)
             need(value is None or positive_int(value), f"{name} must be an int >= 1, got {value!r}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise DPCompileError(f"dp backend option {message}")
 
 
 def _is_number(x: Any) -> bool:

@@ -117,6 +117,7 @@ def evaluate(net, task, test_set, tail_from):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--epochs", type=int, default=20)
@@ -146,7 +147,7 @@ def main() -> None:
           f"sigma={sigma:.2f}, {args.epochs} epochs, batch {args.batch_size}")
     results = {"standard attention": [], "Re-Attention": []}
     start = time.time()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, var in (("standard attention", torch.zeros_like(variance)), ("Re-Attention", variance)):
             net = train(task, train_set, var, args, seed)
             eps = dpcompile.privacy_spent(net, args.delta)
