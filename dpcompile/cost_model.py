@@ -45,7 +45,7 @@ class Cost:
         return float(self.flops.subs(B, batch)), float(self.memory.subs(B, batch)) * self.element_bytes
 
     def traffic_at(self, batch: int) -> float:
-        return float(sympy.sympify(self.traffic).subs(B, batch))
+        return float(self.traffic.subs(B, batch))
 
     def time(self, batch: int) -> float:
         """Estimated time in FLOP-equivalents: compute plus memory traffic."""

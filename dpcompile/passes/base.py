@@ -90,6 +90,12 @@ def node_shape(node: Any) -> list[sympy.Expr] | None:
     return None
 
 
+def pad_amounts(pad: list, ndim: int, dim: int) -> tuple:
+    """(before, after) that constant_pad_nd's `pad` adds to `dim`: pairs run from the last dim back."""
+    i = 2 * (ndim - 1 - dim)
+    return (pad[i], pad[i + 1]) if i + 1 < len(pad) else (0, 0)
+
+
 def run_recorded(name: str, which: str, gm: fx.GraphModule, body: Callable[[], None]) -> PassRecord:
     """Run `body` (which edits gm in place) and record the nodes it added/removed."""
     before = {n.name for n in gm.graph.nodes}

@@ -28,7 +28,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from .. import per_sample
 from ..errors import DPCompileError, describe_node
-from .base import CompileContext, node_shape, run_recorded, to_expr
+from .base import CompileContext, node_shape, pad_amounts, run_recorded, to_expr
 
 aten = torch.ops.aten
 
@@ -504,9 +504,8 @@ def _constant_pad(node: fx.Node) -> Any:
     lay = layout_of(node.args[0])
     if not isinstance(lay, Batched):
         return lay
-    pad, nd = node.args[1], _ndim(node)
-    padded = {nd - 1 - i // 2 for i, amount in enumerate(pad) if not (isinstance(amount, int) and amount == 0)}
-    if lay.dim in padded:
+    amounts = pad_amounts(node.args[1], _ndim(node), lay.dim)
+    if any(not (isinstance(amount, int) and amount == 0) for amount in amounts):
         raise _mix(node, "pads the batch dimension")
     return lay
 

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import DPCompileError, describe_node
-from .base import CompileContext, node_shape, run_recorded
+from .base import CompileContext, node_shape, pad_amounts, run_recorded
 from .batch_dim import AGG, FREE, Batched, batched_args
 
 aten = torch.ops.aten
@@ -259,8 +259,7 @@ def _zero_tail(node: fx.Node, dim: int) -> int | None:
     if target is aten.constant_pad_nd.default:
         x, pad = node.args[0], node.args[1]
         value = node.args[2] if len(node.args) > 2 else 0
-        i = 2 * (len(node_shape(node)) - 1 - dim)
-        left, right = (pad[i], pad[i + 1]) if i + 1 < len(pad) else (0, 0)
+        left, right = pad_amounts(pad, len(node_shape(node)), dim)
         size = node_shape(x)[dim]
         if value != 0 or not all(isinstance(v, int) for v in (left, right)) or not size.is_Integer:
             return None
