@@ -144,14 +144,14 @@ def bench_eager(args):
 
 
 def bench_compile(args):
-    return runner(torch.compile(make_model(args)), args)
+    return runner(torch.compile(make_model(args), mode=args.compile_mode), args)
 
 
 def bench_dpcompile(args, strategy, budget_mb=None):
     net = make_model(args)
     budget_mb = args.memory_budget_mb if budget_mb is None else budget_mb
     opts = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 0.01, "strategy": strategy,
-            "check_finite": False}
+            "check_finite": False, "mode": args.compile_mode}
     if budget_mb is not None:
         opts["memory_budget_mb"] = budget_mb
     model = torch.compile(net, backend="dp", options=opts)
@@ -180,7 +180,7 @@ def bench_opacus(args, mode="hooks"):
     return runner(model, args, opt)
 
 
-def print_top_kernels(mode: str, step, args, top: int = 15) -> None:
+def print_top_kernels(mode: str, step, args, top: int = 30) -> None:
     """Where a step's device time goes: the kernels with the most self time over 3 steps."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device == "cuda":
@@ -193,6 +193,15 @@ def print_top_kernels(mode: str, step, args, top: int = 15) -> None:
     for key in keys:  # device kernels, then the host side (Python, launches) that may starve them
         print(f"--- {mode}: top {key} over 3 steps")
         print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70), flush=True)
+
+
+def cudagraph_skips() -> dict:
+    """Graphs Inductor ran without CUDA graphs (--compile-mode reduce-overhead; TORCH_LOGS=perf_hints says why)."""
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
+    counters.clear()
+    return {"cudagraph_skips": skips} if skips else {}
 
 
 def main():
@@ -212,6 +221,8 @@ def main():
     p.add_argument("--modes", default="eager,compile,dp-auto,dp-ghost,dp-instantiate,opacus-hooks")
     p.add_argument("--out")
     p.add_argument("--profile", action="store_true", help="print the top kernels of each mode (torch.profiler)")
+    p.add_argument("--compile-mode", default=None,
+                   help='torch.compile mode of the compiled modes, e.g. "reduce-overhead" (CUDA graphs)')
     p.add_argument("--combo-kernels", action="store_true",
                    help="Inductor's horizontal fusion of independent kernels, for every compiled mode")
     args = p.parse_args()
@@ -246,7 +257,7 @@ def main():
             if args.profile:
                 print_top_kernels(mode, step, args)
             rows.append({"mode": mode, "ms": ms, "items_per_s": items / ms * 1e3,
-                         "peak_gib": peak, "first_step_s": compile_s})
+                         "peak_gib": peak, "first_step_s": compile_s, **cudagraph_skips()})
         except Exception as e:  # report and continue: one failing engine must not hide the others
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(json.dumps(rows[-1]), flush=True)

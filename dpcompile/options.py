@@ -109,6 +109,10 @@ class DPOptions:
         (batches per epoch of fixed-order cyclic batches).
     bsr_max_participations: k, a promise that no example takes part in more than k steps
         (default: ⌈steps/b⌉, always true under b-min-separation).
+    mode: a torch.compile mode for Inductor ("reduce-overhead": CUDA graphs, "max-autotune", ...);
+        torch.compile refuses mode= together with options=, so the dp backend takes it here.
+    inductor: Inductor config patches for the compiled graphs, e.g. {"combo_kernels": True};
+        applied after those of `mode`.
     """
 
     max_grad_norm: float = 1.0
@@ -132,6 +136,8 @@ class DPOptions:
     bsr_coefficients: tuple[float, ...] | None = None
     bsr_min_separation: int | None = None
     bsr_max_participations: int | None = None
+    mode: str | None = None
+    inductor: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "DPOptions":
@@ -145,6 +151,8 @@ class DPOptions:
         options["lsg"] = LSGOptions.from_value(options.get("lsg"))
         if isinstance(options.get("bsr_coefficients"), (list, tuple)):
             options["bsr_coefficients"] = tuple(options["bsr_coefficients"])
+        if isinstance(options.get("inductor"), dict):  # a tuple of items: the options stay hashable
+            options["inductor"] = tuple(sorted(options["inductor"].items()))
         if options.get("seed") is None:
             options["seed"] = int.from_bytes(os.urandom(8), "little") >> 1
         opts = cls(**options)
@@ -176,6 +184,7 @@ class DPOptions:
         need(self.accountant in ACCOUNTANTS,
              f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         self._validate_noise_mechanism()
+        self._validate_inductor()
 
     def _validate_noise_mechanism(self) -> None:
         """BSR settings: only with noise_mechanism="bsr", and with a participation schema it can account."""
@@ -215,6 +224,23 @@ class DPOptions:
         for name in ("bsr_min_separation", "bsr_max_participations"):
             value = getattr(self, name)
             need(value is None or positive_int(value), f"{name} must be an int >= 1, got {value!r}")
+
+    def _validate_inductor(self) -> None:
+        from torch._inductor import config, list_mode_options
+
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        _require(self.mode is None or self.mode in modes, f"mode must be one of {modes}, got {self.mode!r}")
+        _require(isinstance(self.inductor, tuple) and all(isinstance(k, str) for k, _ in self.inductor),
+                 f"inductor must be a dict of Inductor config names to values, got {self.inductor!r}")
+        unknown = sorted(k for k, _ in self.inductor if k not in config._config)
+        _require(not unknown, f"inductor: unknown Inductor config name(s) {unknown} (see torch._inductor.config)")
+        list_mode_options(self.mode)  # raises for a mode this torch does not know
+
+    def inductor_patches(self) -> dict[str, Any]:
+        """Inductor config patches: those of `mode`, then the explicit `inductor` ones."""
+        from torch._inductor import list_mode_options
+
+        return {**(list_mode_options(self.mode) if self.mode else {}), **dict(self.inductor)}
 
 
 def _require(ok: bool, message: str) -> None:

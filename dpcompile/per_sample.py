@@ -15,6 +15,8 @@ from torch.func import vmap
 def batch_front(x: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
     """(..., outer*B*inner, ...) -> (B, ..., outer*inner, ...): one slice per sample, same rank."""
     dim, outer, inner = layout
+    if outer == 1:  # stays a strided view: GEMMs read it in place (flattening a size-1 dim made Inductor copy it)
+        return x.unflatten(dim, (-1, inner)).movedim(dim, 0)
     x = x.unflatten(dim, (outer, -1, inner)).movedim(dim + 1, 0)
     return x.flatten(dim + 1, dim + 2)
 
@@ -230,13 +232,13 @@ def instantiate_post(post: fx.GraphModule, n_sites: int, *args):
     return vmap(post, in_dims=in_dims)(*args)
 
 
-def weighted_sum(weights: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
-    """Σ_b w_b x_b (memory-rich path: no second weight-gradient GEMM).
+def weighted_sum(weights: torch.Tensor, per_sample: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Σ_b w_b x_b in float32, returned as `dtype` (default x's); memory-rich path: no second GEMM.
 
     Written as a reduction, not a matmul, so Inductor fuses it with the noise addition that
     follows (one kernel per parameter instead of a GEMV and an elementwise pass)."""
     w = weights.view([-1] + [1] * (per_sample.dim() - 1))
-    return (w * per_sample.float()).sum(0).to(per_sample.dtype)
+    return (w * per_sample.float()).sum(0).to(dtype or per_sample.dtype)
 
 
 def clip_weights(total_sq: torch.Tensor, max_grad_norm: float, scale_mode: str, clipping: str,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -313,18 +314,24 @@ class PaddedHead(torch.nn.Module):
         return torch.randint(0, 7, (b, 5)), torch.randint(0, 7, (b,))
 
 
-def test_gemm_gradient_sliced_back_from_zero_padding_keeps_exact_ghost_norms():
-    """pad_mm's slice drops only zeros: the head keeps its ghost option and clips like the oracle."""
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_gemm_gradient_sliced_back_from_zero_padding_keeps_exact_norms(strategy):
+    """pad_mm's slice drops only zeros: the head keeps its ghost option, and instantiation takes the
+    norm of the padded per-sample GEMM and slices the clipped sum once; both clip like the oracle."""
     seed = fresh_seed()
     torch.manual_seed(seed)
     model = PaddedHead()
     x, y = PaddedHead.batch(6)
-    got = compiled_clipped_sum(model, x, y, max_grad_norm=0.05, strategy="ghost")
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=0.05, strategy=strategy)
     want, norms = oracle_clipped_sum(model, x, y, 0.05)
     assert (norms > 0.05).all()
     assert_close(got, want, seed)
     plan = {row.param: row.strategy for row in report_of(model).table()}
-    assert plan["head"] == "ghost"
+    assert plan["head"] == strategy
+    if strategy == "instantiate":  # the slice runs once, on the clipped sum, not on every sample
+        text = dpcompile.inspect_model(model, x, options={"strategy": strategy}, target=y).graph("book_keeping").text()
+        assert "instantiate_post" not in text
+        assert re.search(r"slice\S* = aten\.slice\.Tensor\(%weighted_sum", text), text
 
 
 @pytest.mark.parametrize("keep,pad_value,want", [(7, 0.0, True), (-3, 0.0, True), (8, 0.0, True), (6, 0.0, False),

@@ -64,7 +64,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
             elif strategy == "phantom":
                 sq, finish = _phantom(graph, g)
             else:
-                sq, finish, full = _instantiate(gm, g)
+                sq, finish, full = _instantiate(gm, g, per_sample_output=ctx.deferred)
                 per_sample_grads.append(full)
             sq_norms.append(sq)
             finishers.append((g, finish))
@@ -225,9 +225,24 @@ def _weighted_site(graph: fx.Graph, site: Site, weights: fx.Node) -> fx.Node:
                                site.node.kwargs)
 
 
-def _instantiate(gm: fx.GraphModule, g: ParamGrad):
+def _instantiate(gm: fx.GraphModule, g: ParamGrad, per_sample_output: bool = False):
+    """Per-sample values of the sites; returns (norms², finish, per-sample gradients or None).
+
+    When the post ops keep every entry (transposes, casts, reshapes, dropping zero padding),
+    the norm is taken at the site and the post ops run once on the clipped sum: no per-sample
+    copy through them (pad_mm's slice and autocast's float32 cast would each write one).
+    """
     graph = gm.graph
     per_site = [_instantiate_site(graph, s) for s in g.sites]
+    if g.post and g.norm_preserving and not per_sample_output:
+        site_values, dtype = per_site[0], g.output.meta["val"].dtype
+        sq = graph.call_function(per_sample.sq_norm, (site_values,))
+
+        def finish_at_site(weights: fx.Node) -> fx.Node:
+            summed = graph.call_function(per_sample.weighted_sum, (weights, site_values, dtype))
+            return _replay_post(graph, g, {g.sites[0].value: summed})
+
+        return sq, finish_at_site, None
     if g.post:
         post_gm, leaves = _extract_post(gm, g)
         attr = f"dp_post_{g.position}"
