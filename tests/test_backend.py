@@ -32,6 +32,52 @@ def test_variable_batch_sizes_compile_at_most_twice():
     assert state.steps == 7
 
 
+def _inductor_settings_seen(monkeypatch, options: dict, names: tuple[str, ...]) -> list[dict]:
+    """Compile and run one step; the Inductor settings each graph (forward, backward) was compiled under."""
+    from dpcompile.backends import dp
+
+    def setting(name: str):
+        value = torch._inductor.config
+        for part in name.split("."):
+            value = getattr(value, part)
+        return value
+
+    seen, compile_graph = [], dp._compile_graph
+
+    def recording(gm, example_inputs, kwargs):
+        seen.append({name: setting(name) for name in names})
+        return compile_graph(gm, example_inputs, kwargs)
+
+    monkeypatch.setattr(dp, "_compile_graph", recording)
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0, **options})
+    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    assert net[0].weight.grad is not None
+    return seen
+
+
+def test_inductor_options_reach_both_graphs_and_mode_maps_to_its_settings(monkeypatch):
+    names = ("combo_kernels", "max_autotune")
+    seen = _inductor_settings_seen(monkeypatch, {}, names)
+    assert seen == [{"combo_kernels": False, "max_autotune": False}] * 2
+    seen = _inductor_settings_seen(monkeypatch, {"inductor": {"combo_kernels": True}}, names)
+    assert [s["combo_kernels"] for s in seen] == [True, True]  # forward, then backward
+    seen = _inductor_settings_seen(monkeypatch, {"mode": "max-autotune-no-cudagraphs"}, names)
+    assert [s["max_autotune"] for s in seen] == [True, True]
+    assert not torch._inductor.config.max_autotune and not torch._inductor.config.combo_kernels  # restored
+
+
+def test_backward_unrolls_batch_reductions_unless_the_user_sets_the_threshold(monkeypatch):
+    """Σ_b w_b G_b: static batches below 65 become pointwise kernels (see dp.UNROLL_BATCH_BELOW)."""
+    seen = _inductor_settings_seen(monkeypatch, {}, ("unroll_reductions_threshold",))
+    default = torch._inductor.config.unroll_reductions_threshold
+    assert [s["unroll_reductions_threshold"] for s in seen] == [default, 65]
+    seen = _inductor_settings_seen(monkeypatch, {"inductor": {"unroll_reductions_threshold": 3}},
+                                   ("unroll_reductions_threshold",))
+    assert [s["unroll_reductions_threshold"] for s in seen] == [3, 3]
+
+
 def test_inspection_records_every_pass():
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})

@@ -130,6 +130,9 @@ def test_embedding_scale_grad_by_freq_is_refused():
     ({"clipping": "per_layer"}, "clipping"),
     ({"strategy": "fast"}, "strategy"),
     ({"max_grad_nrom": 1.0}, "unknown dp backend option"),
+    ({"mode": "fastest"}, "mode must be one of"),
+    ({"inductor": {"combo_kernel": True}}, "unknown Inductor config name(s) ['combo_kernel']"),
+    ({"inductor": ["combo_kernels"]}, "inductor must be a dict"),
 ])
 def test_invalid_options_are_rejected(options, message):
     with pytest.raises(Exception) as info:
