@@ -193,6 +193,8 @@ def refusals(rank: int, ddp_model) -> dict:
     expect("ddp_optimizer", lambda: split(x))
     torch._dynamo.config.optimize_ddp = False
 
+    ddp_refusals(x, expect)
+
     net = network()
     model, opt, _ = dpcompile.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1),
                                            DataLoader(dataset(), batch_size=8), noise_multiplier=1.0, seed=1)
@@ -200,6 +202,53 @@ def refusals(rank: int, ddp_model) -> dict:
     expect("make_private_of_ddp", lambda: dpcompile.make_private(
         DDP(network()), opt, DataLoader(dataset(), batch_size=8), noise_multiplier=1.0))
     return messages
+
+
+class BrokenNet(nn.Module):
+    """Two graphs: their clipping would run after DDP has averaged the gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = network()[:2], network()[2]
+
+    def forward(self, x):
+        h = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(h)
+
+
+def ddp_refusals(x, expect) -> None:
+    """DDP settings the noise-on-rank-0 algebra cannot serve; each on a fresh DDP(compiled model)."""
+    from torch.distributed.algorithms.join import Join
+
+    def wrapped(net=None, ignore=(), **changes):
+        torch._dynamo.reset()  # a fresh compile each time (Sequential.forward would hit the recompile limit)
+        options = {k: v for k, v in dict(DDP_OPTIONS, seed=1, **changes).items() if v is not None}
+        compiled = torch.compile(net or network(), backend="dp", options=options)
+        DDP._set_params_and_buffers_to_ignore_for_model(compiled, list(ignore))  # names as DDP sees them
+        return DDP(compiled)
+
+    expect("no_expected_batch_size", lambda: wrapped(expected_batch_size=None)(x))
+    other = 0.5 if dist.get_rank() == 0 else 0.25  # ranks must agree on every option but the seed
+    expect("options_differ", lambda: wrapped(max_grad_norm=other)(x))
+    expect("graph_breaks", lambda: wrapped(BrokenNet().to(device()))(x))
+    expect("ignored_parameter", lambda: wrapped(ignore=["_orig_mod.0.weight"])(x))
+    hooked = wrapped()
+    hooked.register_comm_hook(None, rank_0_only_hook)
+    expect("comm_hook", lambda: hooked(x))
+    joining = wrapped()
+
+    def under_join():
+        with Join([joining]):
+            joining(x)
+
+    expect("join", under_join)
+
+
+def rank_0_only_hook(state, bucket):
+    """A communication hook that does not average: rank 0's gradients everywhere."""
+    tensor = bucket.buffer()
+    return dist.broadcast(tensor, 0, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
 def spawn(tmp_path) -> list[dict]:
@@ -260,6 +309,12 @@ def test_two_ranks_equal_one_process_on_the_union_batch(tmp_path):
     assert "optimize_ddp = False" in messages["ddp_optimizer"]
     assert "do not wrap it in DistributedDataParallel" in messages["make_private_in_ddp"]
     assert "pass the plain module" in messages["make_private_of_ddp"]
+    assert "expected_batch_size" in messages["no_expected_batch_size"]
+    assert "max_grad_norm" in messages["options_differ"]
+    assert "graph breaks" in messages["graph_breaks"]
+    assert "0.weight" in messages["ignored_parameter"] and "not synchronized" in messages["ignored_parameter"]
+    assert "rank_0_only_hook" in messages["comm_hook"]
+    assert "Join" in messages["join"]
     assert results[1]["refusals"].keys() == messages.keys()
 
 
