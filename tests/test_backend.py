@@ -68,11 +68,19 @@ def test_inductor_options_reach_both_graphs_and_mode_maps_to_its_settings(monkey
     assert not torch._inductor.config.max_autotune and not torch._inductor.config.combo_kernels  # restored
 
 
-def test_backward_unrolls_batch_reductions_unless_the_user_sets_the_threshold(monkeypatch):
-    """Σ_b w_b G_b: static batches below 65 become pointwise kernels (see dp.UNROLL_BATCH_BELOW)."""
-    seen = _inductor_settings_seen(monkeypatch, {}, ("unroll_reductions_threshold",))
+def test_backward_unrolls_batch_reductions_on_gpu_unless_the_user_sets_the_threshold(monkeypatch):
+    """Σ_b w_b G_b: on GPUs, static batches below 65 become pointwise kernels (dp.UNROLL_BATCH_BELOW);
+    CPU graphs keep Inductor's setting (its C++ tiling search is slow on unrolled kernels)."""
+    from dpcompile.backends.dp import UNROLL_BATCH_BELOW, _backward_patches
+    from dpcompile.options import DPOptions
+
     default = torch._inductor.config.unroll_reductions_threshold
-    assert [s["unroll_reductions_threshold"] for s in seen] == [default, 65]
+    assert _backward_patches(DPOptions.from_dict({}), on_gpu=True) == {
+        "unroll_reductions_threshold": max(default, UNROLL_BATCH_BELOW)}
+    assert _backward_patches(DPOptions.from_dict({}), on_gpu=False) == {}
+    assert _backward_patches(DPOptions.from_dict({"inductor": {"unroll_reductions_threshold": 3}}), on_gpu=True) == {}
+    seen = _inductor_settings_seen(monkeypatch, {}, ("unroll_reductions_threshold",))
+    assert [s["unroll_reductions_threshold"] for s in seen] == [default, default]  # this test's graphs run on CPU
     seen = _inductor_settings_seen(monkeypatch, {"inductor": {"unroll_reductions_threshold": 3}},
                                    ("unroll_reductions_threshold",))
     assert [s["unroll_reductions_threshold"] for s in seen] == [3, 3]

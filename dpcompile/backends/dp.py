@@ -179,7 +179,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: Co
     decomposed, inputs = _decompose(gm, example_inputs, ctx)
     ctx.final_graph = decomposed
     _keep_graph(ctx, "backward", decomposed, input_names=input_names)
-    with torch._inductor.config.patch(_backward_patches(state.options)):
+    on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    with torch._inductor.config.patch(_backward_patches(state.options, on_gpu)):
         compiled = _compile_graph(decomposed, inputs, kwargs)
     return PrivateBackward(compiled, state, ctx)
 
@@ -187,12 +188,13 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: Co
 # Σ_b w_b G_b reduces over a short batch dim of long rows. With a static batch size Inductor
 # emits a persistent reduction that reached ~1 TB/s on an H200 (8 × 38.6M bf16: 732 µs);
 # unrolled into a pointwise kernel it took 214 µs (B = 32: 2911 → 641 µs). Batches below this
-# size are unrolled; symbolic batch sizes (Poisson) keep Inductor's looped reduction.
+# size are unrolled; symbolic batch sizes (Poisson) keep Inductor's looped reduction. GPU
+# only: Inductor's C++ backend spent minutes choosing tilings for the unrolled kernels.
 UNROLL_BATCH_BELOW = 65
 
 
-def _backward_patches(options: DPOptions) -> dict:
-    if "unroll_reductions_threshold" in dict(options.inductor):
+def _backward_patches(options: DPOptions, on_gpu: bool) -> dict:
+    if not on_gpu or "unroll_reductions_threshold" in dict(options.inductor):
         return {}  # the user's setting wins
     current = torch._inductor.config.unroll_reductions_threshold
     return {"unroll_reductions_threshold": max(current, UNROLL_BATCH_BELOW)}
