@@ -236,11 +236,13 @@ class DPOptions:
         _require(not unknown, f"inductor: unknown Inductor config name(s) {unknown} (see torch._inductor.config)")
         list_mode_options(self.mode)  # raises for a mode this torch does not know
 
-    def inductor_patches(self) -> dict[str, Any]:
-        """Inductor config patches: those of `mode`, then the explicit `inductor` ones."""
+    def inductor_patches(self, default_mode: str | None = None) -> dict[str, Any]:
+        """Inductor config patches: those of `mode` (else of torch.compile's mode= keyword, which
+        arrives only without options), then the explicit `inductor` ones."""
         from torch._inductor import list_mode_options
 
-        return {**(list_mode_options(self.mode) if self.mode else {}), **dict(self.inductor)}
+        mode = self.mode or default_mode
+        return {**(list_mode_options(mode) if mode else {}), **dict(self.inductor)}
 
 
 def _require(ok: bool, message: str) -> None:

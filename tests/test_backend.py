@@ -32,7 +32,7 @@ def test_variable_batch_sizes_compile_at_most_twice():
     assert state.steps == 7
 
 
-def _inductor_settings_seen(monkeypatch, options: dict, names: tuple[str, ...]) -> list[dict]:
+def _inductor_settings_seen(monkeypatch, options: dict | None, names: tuple[str, ...], **compile_kwargs) -> list[dict]:
     """Compile and run one step; the Inductor settings each graph (forward, backward) was compiled under."""
     from dpcompile.backends import dp
 
@@ -51,7 +51,8 @@ def _inductor_settings_seen(monkeypatch, options: dict, names: tuple[str, ...]) 
     monkeypatch.setattr(dp, "_compile_graph", recording)
     torch._dynamo.reset()
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
-    model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0, **options})
+    options = None if options is None else {"noise_multiplier": 0.0, **options}
+    model = torch.compile(net, backend="dp", options=options, **compile_kwargs)
     F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
     assert net[0].weight.grad is not None
     return seen
@@ -64,6 +65,8 @@ def test_inductor_options_reach_both_graphs_and_mode_maps_to_its_settings(monkey
     seen = _inductor_settings_seen(monkeypatch, {"inductor": {"combo_kernels": True}}, names)
     assert [s["combo_kernels"] for s in seen] == [True, True]  # forward, then backward
     seen = _inductor_settings_seen(monkeypatch, {"mode": "max-autotune-no-cudagraphs"}, names)
+    assert [s["max_autotune"] for s in seen] == [True, True]
+    seen = _inductor_settings_seen(monkeypatch, None, names, mode="max-autotune-no-cudagraphs")  # the keyword
     assert [s["max_autotune"] for s in seen] == [True, True]
     assert not torch._inductor.config.max_autotune and not torch._inductor.config.combo_kernels  # restored
 

@@ -61,14 +61,7 @@ def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict 
     inner = functools.partial(_inner_compile, ctx=ctx, state=state)
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, inner_compile=inner, decompositions=aot_decompositions(),
-                          config_patches=_inductor_patches(state, mode) or None)
-
-
-def _inductor_patches(state: PrivacyState, mode: str | None) -> dict:
-    """torch.compile(..., mode=m) without dp options arrives as a keyword; options' mode/inductor win."""
-    from torch._inductor import list_mode_options
-
-    return {**(list_mode_options(mode) if mode else {}), **state.options.inductor_patches()}
+                          config_patches=state.options.inductor_patches(default_mode=mode) or None)
 
 
 @functools.lru_cache(None)
