@@ -228,13 +228,12 @@ class DPOptions:
     def _validate_inductor(self) -> None:
         from torch._inductor import config, list_mode_options
 
-        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        modes = tuple(list_mode_options())  # this torch's modes
         _require(self.mode is None or self.mode in modes, f"mode must be one of {modes}, got {self.mode!r}")
         _require(isinstance(self.inductor, tuple) and all(isinstance(k, str) for k, _ in self.inductor),
                  f"inductor must be a dict of Inductor config names to values, got {self.inductor!r}")
         unknown = sorted(k for k, _ in self.inductor if k not in config._config)
         _require(not unknown, f"inductor: unknown Inductor config name(s) {unknown} (see torch._inductor.config)")
-        list_mode_options(self.mode)  # raises for a mode this torch does not know
 
     def inductor_patches(self, default_mode: str | None = None) -> dict[str, Any]:
         """Inductor config patches: those of `mode` (else of torch.compile's mode= keyword, which

@@ -188,7 +188,7 @@ UNROLL_BATCH_BELOW = 65
 
 def _backward_patches(options: DPOptions, on_gpu: bool) -> dict:
     if not on_gpu or "unroll_reductions_threshold" in dict(options.inductor):
-        return {}  # the user's setting wins
+        return {}  # CPU graphs, or the user chose the threshold
     current = torch._inductor.config.unroll_reductions_threshold
     return {"unroll_reductions_threshold": max(current, UNROLL_BATCH_BELOW)}
 
