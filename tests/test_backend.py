@@ -32,7 +32,8 @@ def test_variable_batch_sizes_compile_at_most_twice():
     assert state.steps == 7
 
 
-def _inductor_settings_seen(monkeypatch, options: dict | None, names: tuple[str, ...], **compile_kwargs) -> list[dict]:
+def _inductor_settings_seen(monkeypatch, options: dict | None, names: tuple[str, ...], batch: int = 8,
+                           **compile_kwargs) -> list[dict]:
     """Compile and run one step; the Inductor settings each graph (forward, backward) was compiled under."""
     from dpcompile.backends import dp
 
@@ -53,7 +54,7 @@ def _inductor_settings_seen(monkeypatch, options: dict | None, names: tuple[str,
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     options = None if options is None else {"noise_multiplier": 0.0, **options}
     model = torch.compile(net, backend="dp", options=options, **compile_kwargs)
-    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    F.cross_entropy(model(torch.randn(batch, 6)), torch.randint(0, 3, (batch,))).backward()
     assert net[0].weight.grad is not None
     return seen
 
@@ -69,6 +70,49 @@ def test_inductor_options_reach_both_graphs_and_mode_maps_to_its_settings(monkey
     seen = _inductor_settings_seen(monkeypatch, None, names, mode="max-autotune-no-cudagraphs")  # the keyword
     assert [s["max_autotune"] for s in seen] == [True, True]
     assert not torch._inductor.config.max_autotune and not torch._inductor.config.combo_kernels  # restored
+
+
+def test_per_sample_gemms_read_transposed_operands_in_place(monkeypatch):
+    """Splitting a transposed GEMM operand per sample is a view: the re-trace must not copy it
+    (a copy is a full transposed pass over every layer's output gradient). Static and symbolic B.
+    Views that need a copy still get one, with the right values."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from dpcompile.backends import dp
+
+    graphs, compile_graph = [], dp._compile_graph
+    monkeypatch.setattr(dp, "_compile_graph", lambda gm, inputs, kwargs: graphs.append(gm) or compile_graph(
+        gm, inputs, kwargs))
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0, "strategy": "instantiate"})
+    for b in (8, 5):  # sequences (4 rows per sample: a real GEMM); the second size compiles symbolic B
+        F.cross_entropy(model(torch.randn(b, 4, 6)).mean(1), torch.randint(0, 3, (b,))).backward()
+    bmms = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.aten.bmm.default]
+    assert len(bmms) == 4  # two weights, two compiles
+
+    def copies_upstream(node, depth=4):
+        if not isinstance(node, torch.fx.Node) or depth == 0:
+            return False
+        return node.target is torch.ops.aten.clone.default or any(copies_upstream(a, depth - 1) for a in node.args)
+
+    assert not any(copies_upstream(a) for n in bmms for a in n.args), [str(b.args) for b in bmms]
+    x = torch.randn(8, 6)
+    flat = make_fx(lambda t: t.t().view(48), decomposition_table=dp.retrace_decompositions())(x)
+    assert torch.ops.aten.clone.default in [n.target for n in flat.graph.nodes]
+    assert torch.equal(flat(x), x.t().reshape(48))
+
+
+def test_gemm_padding_is_off_when_it_could_pad_the_sample_rows(monkeypatch):
+    """pad_mm pads GEMM dims to multiples of 8/4 on GPUs; with a static batch size that 8 does not
+    divide it could pad the sample rows (refused by batch_dim), so those graphs compile without it.
+    Batches of a multiple of 8 keep it (the LM head's vocabulary), and the user's setting wins."""
+    default = torch._inductor.config.shape_padding
+    assert [s["shape_padding"] for s in _inductor_settings_seen(monkeypatch, {}, ("shape_padding",), batch=6)] == [
+        False, False]
+    assert [s["shape_padding"] for s in _inductor_settings_seen(monkeypatch, {}, ("shape_padding",), batch=16)] == [
+        default, default]
+    seen = _inductor_settings_seen(monkeypatch, {"inductor": {"shape_padding": True}}, ("shape_padding",), batch=6)
+    assert [s["shape_padding"] for s in seen] == [True, True]
 
 
 def test_backward_unrolls_batch_reductions_on_gpu_unless_the_user_sets_the_threshold(monkeypatch):

@@ -278,9 +278,9 @@ def test_padding_the_sample_dim_is_refused():
 
 
 class _PaddedGradMatmul(torch.autograd.Function):
-    """x @ wᵀ whose weight gradient is computed the way Inductor's pad_mm rewrites an
-    unaligned GEMM on GPUs: zero-pad the vocab dim of the transposed output gradient, then
-    slice the result back. Written by hand so that CPU runs see that backward graph."""
+    """x @ wᵀ whose gradients are computed the way Inductor's pad_mm rewrites unaligned GEMMs on
+    GPUs: zero-pad the vocab dim of the output gradient (transposed for the weight gradient, whose
+    result is sliced back). Written by hand so that CPU runs see that backward graph."""
 
     generate_vmap_rule = True  # the oracle vmaps it
 
@@ -297,7 +297,8 @@ class _PaddedGradMatmul(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         padded = torch.nn.functional.pad(g2.t(), (0, 0, 0, 3))  # (vocab + 3, rows)
-        return grad @ weight, torch.ops.aten.slice.Tensor(torch.mm(padded, x2), 0, 0, -3)  # as pad_mm slices
+        grad_x = torch.nn.functional.pad(g2, (0, 3)) @ torch.nn.functional.pad(weight, (0, 0, 0, 3))
+        return grad_x.view_as(x), torch.ops.aten.slice.Tensor(torch.mm(padded, x2), 0, 0, -3)  # as pad_mm slices
 
 
 class PaddedHead(torch.nn.Module):
@@ -317,7 +318,9 @@ class PaddedHead(torch.nn.Module):
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
 def test_gemm_gradient_sliced_back_from_zero_padding_keeps_exact_norms(strategy):
     """pad_mm's slice drops only zeros: the head keeps its ghost option, and instantiation takes the
-    norm of the padded per-sample GEMM and slices the clipped sum once; both clip like the oracle."""
+    norm of the padded per-sample GEMM and slices the clipped sum once; both clip like the oracle.
+    The per-sample GEMM reads the input-gradient GEMM's pad of the output gradient, transposed
+    (one pad, stored untransposed), not a pad of its transpose."""
     seed = fresh_seed()
     torch.manual_seed(seed)
     model = PaddedHead()
@@ -328,8 +331,11 @@ def test_gemm_gradient_sliced_back_from_zero_padding_keeps_exact_norms(strategy)
     assert_close(got, want, seed)
     plan = {row.param: row.strategy for row in report_of(model).table()}
     assert plan["head"] == strategy
+    text = dpcompile.inspect_model(model, x, options={"strategy": strategy}, target=y).graph("book_keeping").text()
+    padded = re.findall(r"aten\.constant_pad_nd\(%(\w+)", text)  # output gradient, weight (GPUs: maybe more)
+    assert len(padded) == len(set(padded)) >= 2, text
+    assert not any(re.search(rf"%{name} = aten\.permute", text) for name in padded), text
     if strategy == "instantiate":  # the slice runs once, on the clipped sum, not on every sample
-        text = dpcompile.inspect_model(model, x, options={"strategy": strategy}, target=y).graph("book_keeping").text()
         assert "instantiate_post" not in text
         assert re.search(r"slice\S* = aten\.slice\.Tensor\(%weighted_sum", text), text
 

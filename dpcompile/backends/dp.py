@@ -59,9 +59,21 @@ def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict 
         ctx.graphs["example_inputs"] = list(example_inputs)
     state.compiled.append(ctx)
     inner = functools.partial(_inner_compile, ctx=ctx, state=state)
+    patches = {**_padding_patch(ctx.batch_size), **state.options.inductor_patches(default_mode=mode)}
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, inner_compile=inner, decompositions=aot_decompositions(),
-                          config_patches=state.options.inductor_patches(default_mode=mode) or None)
+                          config_patches=patches or None)
+
+
+def _padding_patch(batch_size) -> dict:
+    """Inductor's pad_mm zero-pads GEMM dims to multiples of 8 (bf16) or 4 (fp32) on GPUs when its
+    benchmark says so. Rows hold B × (rows per sample), so with a static B that is not a multiple
+    of 8 it may pad the sample rows, which batch_dim refuses (padding the batch dim invents
+    samples). Such graphs compile without pad_mm; symbolic B is never padded, and with 8 | B only
+    feature and vocabulary dims are (kept: the LM head's unaligned vocabulary)."""
+    if getattr(batch_size, "free_symbols", None) or int(batch_size) % 8 == 0:
+        return {}
+    return {"shape_padding": False}
 
 
 @functools.lru_cache(None)
@@ -247,6 +259,17 @@ def retrace_decompositions() -> dict:
 
 
 def _view_or_copy(x: torch.Tensor, size):
-    if x.is_contiguous():
-        return NotImplemented  # a plain view
+    """A plain view whenever x's strides allow one (a per-sample split of a transposed GEMM
+    operand does: copying it cost a full transposed pass per weight); else a contiguous copy."""
+    if x.is_contiguous() or _view_strides(x, size) is not None:
+        return NotImplemented
     return aten.view.default(aten.clone.default(x, memory_format=torch.contiguous_format), size)
+
+
+def _view_strides(x: torch.Tensor, size) -> list | None:
+    """The strides `x.view(size)` would have, or None if it needs a copy (or cannot tell
+    without guarding on a symbolic size)."""
+    from torch._prims_common import infer_size
+    from torch._subclasses.fake_impls import _compute_stride  # the rule aten.view itself applies
+
+    return _compute_stride(x.shape, x.stride(), infer_size(size, x.numel()), size_oblivious=True)
