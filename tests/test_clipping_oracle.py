@@ -331,7 +331,9 @@ def test_gemm_gradient_sliced_back_from_zero_padding_keeps_exact_norms(strategy)
     assert_close(got, want, seed)
     plan = {row.param: row.strategy for row in report_of(model).table()}
     assert plan["head"] == strategy
-    text = dpcompile.inspect_model(model, x, options={"strategy": strategy}, target=y).graph("book_keeping").text()
+    device = model.head.device  # compiled_clipped_sum moved the model to the test device
+    text = dpcompile.inspect_model(model, x.to(device), options={"strategy": strategy},
+                                   target=y.to(device)).graph("book_keeping").text()
     padded = re.findall(r"aten\.constant_pad_nd\(%(\w+)", text)  # output gradient, weight (GPUs: maybe more)
     assert len(padded) == len(set(padded)) >= 2, text
     assert not any(re.search(rf"%{name} = aten\.permute", text) for name in padded), text
