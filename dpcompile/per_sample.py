@@ -232,6 +232,17 @@ def instantiate_post(post: fx.GraphModule, n_sites: int, *args):
     return vmap(post, in_dims=in_dims)(*args)
 
 
+def pack(*per_sample_values: torch.Tensor) -> torch.Tensor:
+    """(B, N) float32: each sample's values of several small gradients side by side (Inductor
+    writes each producer straight into its columns)."""
+    return torch.cat([v.float().flatten(1) for v in per_sample_values], 1)
+
+
+def unpack(flat: torch.Tensor, start: int, shape: list, dtype: torch.dtype) -> torch.Tensor:
+    """One gradient's entries of a packed flat vector, in its site's shape and dtype."""
+    return flat.narrow(0, start, torch.Size(shape).numel()).view(shape).to(dtype)
+
+
 def weighted_sum(weights: torch.Tensor, per_sample: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Σ_b w_b x_b in float32, returned as `dtype` (default x's); memory-rich path: no second GEMM.
 

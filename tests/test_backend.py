@@ -133,6 +133,20 @@ def test_backward_unrolls_batch_reductions_on_gpu_unless_the_user_sets_the_thres
     assert [s["unroll_reductions_threshold"] for s in seen] == [3, 3]
 
 
+def test_small_gradients_share_one_norm_sum_and_noise_kernel():
+    """Biases, norm scales and other small instantiated gradients are packed: one per-sample norm,
+    one clipped sum and one noise addition for all of them (not three tiny kernels each)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 3))
+    report = dpcompile.inspect_model(net, torch.randn(8, 6), options={"strategy": "instantiate"},
+                                     target=torch.randint(0, 3, (8,)))
+    notes = [n for r in report.records() if r.name == "book_keeping" for n in r.notes]
+    assert notes == ["6 small gradients share one norm, clipped sum and noise kernel"]
+    text = report.graph("noise").text()
+    assert text.count("per_sample.pack(") == 1 and text.count("per_sample.privatize(") == 1, text
+    assert text.count("per_sample.sq_norm(") == 1 and text.count("per_sample.weighted_sum(") == 1, text
+
+
 def test_inspection_records_every_pass():
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})

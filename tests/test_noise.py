@@ -96,3 +96,32 @@ def test_checkpoint_resume_gives_bit_identical_noise():
     assert dpcompile.privacy_spent(model, 1e-5) == eps
 
 
+
+
+def test_each_parameter_gets_its_own_slice_of_the_step_noise():
+    """(noisy − clean)·EBS/(σR) is exactly the parameter's slice of the step's N(0, 1) vector, for
+    gradients noised one by one and for small ones packed into one flat sum alike: every
+    coordinate has its own draw, and the offsets (what export reports) say which."""
+    from dpcompile.state import stream_seed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 300), nn.LayerNorm(300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(),
+                          nn.Linear(300, 30))
+    x, y = torch.randn(6, 40), torch.randint(0, 30, (6,))
+    grads = []
+    for sigma in (0.0, SIGMA):
+        private_grads(model, x, y, noise_multiplier=sigma, strategy="instantiate")
+        grads.append([p.grad.clone() for p in model.parameters()])
+    ctx = dpcompile.privacy_state(model).compiled[0]
+    packed = {position for _, members in ctx.plan["packs"] for position, *_ in members}
+    assert packed and set(ctx.params) - packed  # both kinds (Linear(300, 300).weight is too big to pack)
+    numel = ctx.plan["noise_numel"]
+    z = torch.randn(numel, generator=torch.Generator().manual_seed(stream_seed(1234, 0, ctx.noise_key)))
+    slices = ctx.plan["noise_slices"]
+    assert sorted(o + n for o, n in slices.values())[-1] == numel == sum(n for _, n in slices.values())
+    by_param = {id(p): i for i, p in enumerate(model.parameters())}
+    for position, param in ctx.params.items():
+        offset, n = slices[position]
+        i = by_param[id(param)]
+        torch.testing.assert_close((grads[1][i] - grads[0][i]) * EBS / (SIGMA * R),
+                                   z[offset:offset + n].view_as(param), atol=1e-4, rtol=1e-4)

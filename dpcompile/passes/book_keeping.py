@@ -28,12 +28,18 @@ from .batch_dim import Batched, batched_args
 from .param_grads import ParamGrad, Site
 
 aten = torch.ops.aten
+# Instantiated gradients with at most this many entries per sample (biases, norm scales) share
+# one norm, one clipped sum and one noise kernel: a GPT-2 has ~100 of them, each otherwise
+# three tiny kernels of its own (launches, and Inductor compile time).
+PACK_NUMEL = 1 << 16
 
 
 def run(gm: fx.GraphModule, ctx: CompileContext):
     def body():
         table = rewrite(gm, ctx)
-        return {"table": table}
+        packed = sum(len(members) for _, members in ctx.plan.get("packs", []))
+        return {"table": table, "notes": [f"{packed} small gradients share one norm, clipped sum and noise "
+                                          "kernel"] if packed else []}
 
     return run_recorded("book_keeping", "backward", gm, body)
 
@@ -49,7 +55,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     batch = ctx.batch_hint  # the example batch size: the cost model's B
     budget = ctx.options.memory_budget_mb * 2**20
     out_node = graph.output_node()
-    table, sq_norms, finishers, per_sample_grads = [], [], [], []
+    table, sq_norms, finishers, per_sample_grads, small = [], [], [], [], []
     expanders = ctx.plan["lsg_expand"] = {}  # position -> reduced clipped sum -> parameter gradient
     with graph.inserting_before(out_node):
         for g in grads:
@@ -64,17 +70,24 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
                 sq, finish = _ghost(graph, g)
             elif strategy == "phantom":
                 sq, finish = _phantom(graph, g)
+            elif not ctx.deferred and _packable(g):
+                small.append((g, _instantiate_site(graph, g.sites[0])))
+                sq = None
             else:
                 sq, finish, full = _instantiate(gm, g, per_sample_output=ctx.deferred)
                 per_sample_grads.append(full)
-            sq_norms.append(sq)
-            finishers.append((g, finish))
+            if sq is not None:
+                sq_norms.append(sq)
+                finishers.append((g, finish))
             flops, mem = costs[strategy].at(batch)
             table.append({"param": g.name, "kind": g.kind, "strategy": strategy,
                           "flops": flops, "memory_bytes": mem,
                           "traffic_bytes": costs[strategy].traffic_at(batch),
                           "flops_expr": str(costs[strategy].flops), "memory_expr": str(costs[strategy].memory),
                           "alternatives": {k: c.at(batch) for k, c in costs.items() if k != strategy}})
+        if small:
+            packed = graph.call_function(per_sample.pack, tuple(values for _, values in small))
+            sq_norms.append(graph.call_function(per_sample.sq_norm, (packed,)))
         total = graph.call_function(per_sample.total_sq_norm, tuple(sq_norms))
         if ctx.deferred:
             _defer(gm, ctx, grads, total, per_sample_grads)
@@ -86,10 +99,14 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
         norms = graph.call_function(operator.getitem, (clip, 1))
         ctx.plan["weights"], ctx.plan["sample_norms"] = weights, norms
         ctx.plan["clipped"] = {g.position: finish(weights) for g, finish in finishers}
+        ctx.plan["packs"] = [_pack_finish(graph, small, packed, weights)] if small else []
     outputs = list(out_node.args[0])
     with graph.inserting_before(out_node):
         for position, clipped in ctx.plan["clipped"].items():
             outputs[position] = expanders[position](clipped) if position in expanders else clipped
+        for _, members in ctx.plan["packs"]:
+            for position, _, _, gradient in members:
+                outputs[position] = gradient
     out_node.args = (tuple(outputs) + (norms,),)
     ctx.extra_outputs = ["sample_norms"]
     _trim_tuple_sites(graph)
@@ -254,6 +271,31 @@ def _weighted_site(graph: fx.Graph, site: Site, weights: fx.Node) -> fx.Node:
     scaled = graph.call_function(per_sample.per_sample_rows, (weights, arg, _layout(arg)))
     return graph.call_function(site.node.target, tuple(scaled if a is arg else a for a in site.node.args),
                                site.node.kwargs)
+
+
+def _packable(g: ParamGrad) -> bool:
+    """Small, and its gradient is the site's per-sample value reshaped or cast: same entries,
+    so noise added to the packed sum lands on the parameter's own coordinates."""
+    if g.lsg is not None or g.phantom is not None or not g.reshape_only:
+        return False
+    numel = int(torch.Size(g.output.meta["val"].shape).numel())
+    site_numel = int(torch.Size(g.sites[0].value.meta["val"].shape).numel())
+    return numel == site_numel <= PACK_NUMEL
+
+
+def _pack_finish(graph: fx.Graph, small: list, packed: fx.Node, weights: fx.Node):
+    """Σ_b w_b x_b of the packed values, each member's gradient read from it, and
+    [(position, start, numel)]; the noise pass adds noise to the flat sum in place."""
+    summed = graph.call_function(per_sample.weighted_sum, (weights, packed, torch.float32))
+    members, start = [], 0
+    for g, _ in small:
+        site = g.sites[0]
+        numel = int(torch.Size(site.value.meta["val"].shape).numel())
+        piece = graph.call_function(per_sample.unpack, (summed, start, _static_shape(site.value),
+                                                        site.value.meta["val"].dtype))
+        members.append((g.position, start, numel, _replay_post(graph, g, {site.value: piece})))
+        start += numel
+    return summed, members
 
 
 def _instantiate(gm: fx.GraphModule, g: ParamGrad, per_sample_output: bool = False):

@@ -50,6 +50,13 @@ def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
             outputs[position] = expanders[position](noisy) if position in expanders else noisy
             sizes[position] = (offset, numels[position])
             offset += numels[position]
+        for summed, members in ctx.plan.get("packs", []):  # small gradients: one flat sum, noised once
+            with graph.inserting_after(summed):
+                noisy = graph.call_function(per_sample.privatize, (summed, noise, offset, scalars, ctx.plan["weights"]))
+            summed.replace_all_uses_with(noisy, delete_user_cb=lambda user: user is not noisy)
+            for position, start, numel, _ in members:
+                sizes[position] = (offset + start, numel)
+            offset += sum(numel for _, _, numel, _ in members)
     out_node.args = (tuple(outputs),)
     graph.eliminate_dead_code()
     gm.recompile()
