@@ -66,7 +66,8 @@ def test_snapshots_chain_and_the_diff_is_what_each_pass_changed(mlp_report):
     # BK: the original weight-gradient GEMMs are gone, replaced by re-weighted ones
     assert [r.split(" = ")[1] for r in diff["book_keeping"].removed].count("aten.mm") == 3
     noise_ops = [a.split(" = ")[1] for a in diff["noise"].added]
-    assert noise_ops.count("per_sample.privatize") == len(mlp_report.table()) == 6
+    assert len(mlp_report.table()) == 6  # three weights noised one by one, the three biases packed: one more
+    assert noise_ops.count("per_sample.privatize") == len(ghost) + 1
     assert {"dp_noise = placeholder", "dp_scalars = placeholder"} <= set(diff["noise"].added)
     assert "+ %clip_weights = per_sample.clip_weights(%total_sq_norm, 1.0, 'mean', 'flat'" in \
         mlp_report.graph("book_keeping").text(backward[4].added)
@@ -81,10 +82,14 @@ def test_graph_analysis_noise_comes_after_clipping_on_every_gradient(mlp_report)
     node = {n.name: n for n in final.nodes}
     clip = next(n for n in node if node[n].target == "per_sample.clip_weights")
     norms = [n for n in node if node[n].target in ("per_sample.ghost_sq_norm_linear", "per_sample.sq_norm")]
-    assert len(norms) == 6 and all(clip in nx.descendants(g, n) for n in norms)
-    returned = [a for a in node["output"].inputs if node[a].target == "per_sample.privatize"]
-    assert len(returned) == 6
-    assert all(clip in nx.ancestors(g, r) and "dp_noise" in nx.ancestors(g, r) for r in returned)
+    assert len(norms) == 4 and all(clip in nx.descendants(g, n) for n in norms)  # 3 weights, 1 for the packed biases
+    packed = next(n for n in node if node[n].target == "per_sample.pack")
+    assert len(node[packed].inputs) == 3 and any(packed in nx.ancestors(g, n) for n in norms)
+    grads = list(node["output"].inputs)[:-1]  # the last output holds the sample norms
+    assert len(grads) == 6
+    for grad in grads:  # every gradient is (a view of) a privatize output that reads the clip weights and noise
+        noised = [a for a in nx.ancestors(g, grad) | {grad} if node[a].target == "per_sample.privatize"]
+        assert noised and all(clip in nx.ancestors(g, r) and "dp_noise" in nx.ancestors(g, r) for r in noised)
 
 
 def _plan_for(budget_mb, strategy="auto"):

@@ -284,15 +284,16 @@ def _packable(g: ParamGrad) -> bool:
 
 
 def _pack_finish(graph: fx.Graph, small: list, packed: fx.Node, weights: fx.Node):
-    """Σ_b w_b x_b of the packed values, each member's gradient read from it, and
-    [(position, start, numel)]; the noise pass adds noise to the flat sum in place."""
+    """(Σ_b w_b x_b of the packed values, [(position, start, numel, gradient read from it)]).
+    The noise pass noises the flat sum once, under every member's gradient. Like the
+    instantiate fast path, entries are cast to the parameter's dtype before the post ops."""
     summed = graph.call_function(per_sample.weighted_sum, (weights, packed, torch.float32))
     members, start = [], 0
     for g, _ in small:
         site = g.sites[0]
         numel = int(torch.Size(site.value.meta["val"].shape).numel())
         piece = graph.call_function(per_sample.unpack, (summed, start, _static_shape(site.value),
-                                                        site.value.meta["val"].dtype))
+                                                        g.output.meta["val"].dtype))
         members.append((g.position, start, numel, _replay_post(graph, g, {site.value: piece})))
         start += numel
     return summed, members
