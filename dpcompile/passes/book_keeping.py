@@ -141,25 +141,31 @@ def _pad_before_transpose(graph: fx.Graph, g: ParamGrad) -> None:
     for site in g.sites:
         pad = site.node.args[0] if site.kind == "linear" else None
         if (getattr(pad, "target", None) is not aten.constant_pad_nd.default
-                or pad.args[0].target is not aten.permute.default or list(pad.args[0].args[1]) != [1, 0]
-                or pad_amounts(pad.args[1], 2, 1) != (0, 0)):  # sample rows stay unpadded
+                or pad.args[0].target is not aten.permute.default or list(pad.args[0].args[1]) != [1, 0]):
             continue
-        x, value = pad.args[0].args[0], pad.args[2] if len(pad.args) > 2 else 0.0
-        x_pad = [*pad_amounts(pad.args[1], 2, 0), *pad_amounts(pad.args[1], 2, 1)]  # x's last dim is xᵀ's first
+        rows, cols, value = _pad_2d(pad)  # of xᵀ
+        if cols != (0, 0):  # sample rows stay unpadded
+            continue
+        x = pad.args[0].args[0]
         padded = next((n for n in x.users if n.target is aten.constant_pad_nd.default
-                       and [*pad_amounts(n.args[1], 2, 1), *pad_amounts(n.args[1], 2, 0)] == x_pad
-                       and (n.args[2] if len(n.args) > 2 else 0.0) == value), None)
+                       and _pad_2d(n) == (cols, rows, value)), None)
         if padded is None:
+            x_pad = [*rows, *cols]  # pairs run from x's last dim, which is xᵀ's first
             padded = graph.create_node("call_function", aten.constant_pad_nd.default, (x, x_pad, value))
             padded.meta.update(val=aten.constant_pad_nd.default(x.meta["val"], x_pad, value),
                                dp_layout=x.meta.get("dp_layout"))
         order = {n: i for i, n in enumerate(graph.nodes)}
-        if padded not in order or order[padded] > order[site.node]:
+        if order[padded] > order[site.node]:
             site.node.prepend(padded)  # its only input, x, comes before the site (it feeds pad)
         transposed = graph.create_node("call_function", aten.permute.default, (padded, [1, 0]))
         site.node.prepend(transposed)
         transposed.meta.update(pad.meta)
         site.node.replace_input_with(pad, transposed)
+
+
+def _pad_2d(pad: fx.Node) -> tuple:
+    """((before, after) of dim 0, (before, after) of dim 1, fill value) of a 2-D constant_pad_nd."""
+    return pad_amounts(pad.args[1], 2, 0), pad_amounts(pad.args[1], 2, 1), pad.args[2] if len(pad.args) > 2 else 0.0
 
 
 # ------------------------------------------------------------------ costs
