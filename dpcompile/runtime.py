@@ -51,7 +51,7 @@ class PrivateBackward:
         state, ctx = self.state, self.ctx
         state.enter_backward(ctx)
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        inputs = list(args) + self._runtime_inputs(device)
+        inputs = list(args) + self._graph_inputs(self._runtime_inputs(device))
         args.clear()  # let the compiled graph free saved activations as it goes
         outputs = self.compiled(inputs)
         n_grads = len(outputs) - self.n_extra
@@ -62,6 +62,23 @@ class PrivateBackward:
         else:
             state.check_norms(outputs[n_grads])
         return list(outputs[:n_grads])
+
+    def _graph_inputs(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The flat noise cut into the per-gradient views the compiled graph takes
+        (`backends.dp.split_noise_input`)."""
+        pieces = self.ctx.plan.get("noise_pieces")
+        if not pieces:
+            return values
+        index = list(self.ctx.runtime_inputs).index("dp_noise")
+        noise = values[index]
+        starts = [start for start, _ in pieces]
+        sizes = [numel for _, numel in pieces]
+        if starts[0] == 0 and sum(sizes) == noise.numel() and all(
+                a + n == b for a, n, b in zip(starts, sizes, starts[1:])):
+            views = list(noise.split(sizes))  # they tile the vector: one call
+        else:
+            views = [noise.narrow(0, start, numel) for start, numel in pieces]
+        return values[:index] + views + values[index + 1:]
 
     def _runtime_inputs(self, device: torch.device) -> list[torch.Tensor]:
         """The extra graph inputs, in the order the passes added them."""

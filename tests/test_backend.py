@@ -147,6 +147,62 @@ def test_small_gradients_share_one_norm_sum_and_noise_kernel():
     assert text.count("per_sample.sq_norm(") == 1 and text.count("per_sample.weighted_sum(") == 1, text
 
 
+def _backward_graph_seen(monkeypatch, net: nn.Module, step) -> tuple:
+    """Compile `net` with the dp backend, run `step(model)`; the backward graph Inductor got
+    and its example inputs."""
+    from dpcompile.backends import dp
+
+    graphs, compile_graph = [], dp._compile_graph
+
+    def recording(gm, example_inputs, kwargs):
+        graphs.append((gm, list(example_inputs)))
+        return compile_graph(gm, example_inputs, kwargs)
+
+    monkeypatch.setattr(dp, "_compile_graph", recording)
+    step(torch.compile(net, backend="dp", options={"sample_rate": 0.01, "strategy": "instantiate"}))
+    return graphs[-1]
+
+
+def test_each_privatized_gradient_reads_its_own_noise_input(monkeypatch):
+    """Inductor gets one noise input per privatized gradient (views of the flat draw), never a
+    slice of one shared input: a slice bakes its offset into the kernel, so identical layers
+    could not share their noise-adding kernels. Numerics: tests/test_noise.py."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 300))
+    gm, example_inputs = _backward_graph_seen(
+        monkeypatch, net, lambda model: F.mse_loss(model(torch.randn(8, 300)), torch.randn(8, 300)).backward())
+    ctx = dpcompile.privacy_state(net).compiled[0]
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    noise = [n for n in placeholders if n.name.startswith("dp_noise")]
+    assert len(noise) == 4 and "dp_noise" not in [n.name for n in noise]  # 3 weights, 1 pack of 3 biases
+    assert not any(u.target is torch.ops.aten.slice.Tensor for n in noise for u in n.users)
+    pieces = ctx.plan["noise_pieces"]
+    assert sum(numel for _, numel in pieces) == ctx.plan["noise_numel"] == sum(p.numel() for p in net.parameters())
+    examples = [example_inputs[placeholders.index(n)] for n in noise]
+    assert [(x.storage_offset(), x.numel()) for x in examples] == pieces
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_no_same_dtype_casts_reach_inductor(monkeypatch):
+    """Under autocast, a float32 parameter's gradient is a bf16 site cast to float32. The clipped
+    sums are already float32, so replaying that cast would be a no-op that Inductor compiles
+    as one copy kernel per packed gradient (a GPT-2 had 48)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 4))
+
+    def step(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(torch.randn(8, 16)).float(), torch.randint(0, 4, (8,)))
+        loss.backward()
+
+    gm, _ = _backward_graph_seen(monkeypatch, net, step)
+    casts = [n for n in gm.graph.nodes if n.target is torch.ops.prims.convert_element_type.default]
+    assert casts  # the bf16 sites are cast to float32 for the per-sample sums
+    same = [n.name for n in casts if n.args[0].meta["val"].dtype == n.meta["val"].dtype]
+    assert not same, same
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+
+
 def test_inspection_records_every_pass():
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})

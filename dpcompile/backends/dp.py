@@ -184,6 +184,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: Co
     decomposed, inputs = _decompose(gm, example_inputs, ctx)
     ctx.final_graph = decomposed
     _keep_graph(ctx, "backward", decomposed, input_names=input_names)
+    inputs = split_noise_input(decomposed, inputs, ctx)
     on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     with torch._inductor.config.patch(_backward_patches(state.options, on_gpu)):
         compiled = _compile_graph(decomposed, inputs, kwargs)
@@ -244,6 +245,50 @@ def _decompose(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileCo
     with fake_mode:
         decomposed = make_fx(interpreter.run, decomposition_table=retrace_decompositions())(*inputs)
     return decomposed, inputs
+
+
+def split_noise_input(gm: fx.GraphModule, inputs: list, ctx: CompileContext) -> list:
+    """Give each privatized gradient its own noise input: a view of the flat ``dp_noise`` at run
+    time (`PrivateBackward` cuts it up; exported graphs keep the flat input).
+
+    Inductor bakes a slice's offset into the kernel that reads it, so with one shared input
+    every layer's noise-adding kernel was distinct source: no kernel reuse across identical
+    layers (a compile and an autotune each), and all of them landed in one group of Inductor's
+    pairwise fusion search. Returns the new example inputs; records the cuts in
+    ``ctx.plan["noise_pieces"]`` as (start, numel) in input order."""
+    if "dp_noise" not in ctx.runtime_inputs:
+        return inputs
+    index = len(inputs) - len(ctx.runtime_inputs) + list(ctx.runtime_inputs).index("dp_noise")
+    noise = list(gm.graph.find_nodes(op="placeholder"))[index]
+    cuts = [_static_cut(user) for user in noise.users]
+    if not cuts or None in cuts:
+        return inputs  # read some other way: keep the flat input
+    pieces = sorted(set(cuts))
+    fake = inputs[index]
+    with detect_fake_mode(inputs):  # views at the run-time offsets: Inductor sees the same alignment
+        examples = [fake.narrow(0, start, numel) for start, numel in pieces]
+    nodes = {}
+    with gm.graph.inserting_after(noise):
+        for cut, example in reversed(list(zip(pieces, examples))):
+            nodes[cut] = gm.graph.placeholder(f"dp_noise_{cut[0]}")
+            nodes[cut].meta["val"] = example
+    for user, cut in zip(list(noise.users), cuts):
+        user.replace_all_uses_with(nodes[cut])
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(noise)
+    gm.recompile()
+    ctx.plan["noise_pieces"] = pieces
+    return inputs[:index] + examples + inputs[index + 1:]
+
+
+def _static_cut(node: fx.Node) -> tuple[int, int] | None:
+    """(start, numel) of a ``slice(noise, 0, start, end)`` with static bounds and step 1."""
+    if node.target is not aten.slice.Tensor:
+        return None
+    _, dim, start, end, *step = node.args
+    if dim != 0 or step not in ([], [1]) or not all(isinstance(v, int) for v in (start, end)):
+        return None
+    return start, end - start
 
 
 @functools.lru_cache(None)

@@ -28,6 +28,7 @@ from .batch_dim import Batched, batched_args
 from .param_grads import ParamGrad, Site
 
 aten = torch.ops.aten
+CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 # Instantiated gradients with at most this many entries per sample (biases, norm scales) share
 # one norm, one clipped sum and one noise kernel: a GPT-2 has ~100 of them, each otherwise
 # three tiny kernels of its own (launches, and Inductor compile time).
@@ -300,7 +301,7 @@ def _pack_finish(graph: fx.Graph, small: list, packed: fx.Node, weights: fx.Node
         numel = int(torch.Size(site.value.meta["val"].shape).numel())
         piece = graph.call_function(per_sample.unpack, (summed, start, _static_shape(site.value),
                                                         g.output.meta["val"].dtype))
-        members.append((g.position, start, numel, _replay_post(graph, g, {site.value: piece})))
+        members.append((g.position, start, numel, _replay_post(graph, g, {site.value: piece}, cast=False)))
         start += numel
     return summed, members
 
@@ -320,7 +321,7 @@ def _instantiate(gm: fx.GraphModule, g: ParamGrad, per_sample_output: bool = Fal
 
         def finish_at_site(weights: fx.Node) -> fx.Node:
             summed = graph.call_function(per_sample.weighted_sum, (weights, site_values, dtype))
-            return _replay_post(graph, g, {g.sites[0].value: summed})
+            return _replay_post(graph, g, {g.sites[0].value: summed}, cast=False)
 
         return sq, finish_at_site, None
     if g.post:
@@ -426,10 +427,17 @@ def _extract_post(gm: fx.GraphModule, g: ParamGrad) -> tuple[fx.GraphModule, lis
     return fx.GraphModule(gm, sub), leaves
 
 
-def _replay_post(graph: fx.Graph, g: ParamGrad, env: dict[fx.Node, fx.Node]) -> fx.Node:
-    """Copy the post ops reading the weighted site values; returns the new gradient."""
+def _replay_post(graph: fx.Graph, g: ParamGrad, env: dict[fx.Node, fx.Node], cast: bool = True) -> fx.Node:
+    """Copy the post ops reading the weighted site values; returns the new gradient.
+
+    cast=False: the values already have the gradient's dtype, so the post ops' dtype casts
+    are dropped (the ops are shape-only; a same-dtype cast of a graph output would cost
+    Inductor a copy kernel)."""
     for n in g.post:
-        env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+        if not cast and n.target in CASTS and set(n.kwargs) <= {"dtype"}:
+            env[n] = env.get(n.args[0], n.args[0])
+        else:
+            env[n] = graph.node_copy(n, lambda a: env.get(a, a))
     return env[g.output]
 
 
