@@ -16,7 +16,8 @@ def batch_front(x: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
     """(..., outer*B*inner, ...) -> (B, ..., outer*inner, ...): one slice per sample, same rank."""
     dim, outer, inner = layout
     if outer == 1:  # stays a strided view: GEMMs read it in place (flattening a size-1 dim made Inductor copy it)
-        return x.unflatten(dim, (-1, inner)).movedim(dim, 0)
+        x = x.unflatten(dim, (-1, inner))
+        return x if dim == 0 else x.movedim(dim, 0)
     x = x.unflatten(dim, (outer, -1, inner)).movedim(dim + 1, 0)
     return x.flatten(dim + 1, dim + 2)
 
@@ -24,7 +25,9 @@ def batch_front(x: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
 def per_sample_rows(weights: torch.Tensor, x: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
     """x with every element of sample b multiplied by weights[b] (the BK re-weighting)."""
     dim, outer, inner = layout
-    w = weights.to(x.dtype).view(1, -1, 1).expand(outer, -1, inner).reshape(-1)
+    w = weights.to(x.dtype)
+    if outer != 1 or inner != 1:
+        w = w.view(1, -1, 1).expand(outer, -1, inner).reshape(-1)
     return x * w.view([-1 if d == dim else 1 for d in range(x.dim())])
 
 
@@ -269,13 +272,18 @@ def clip_weights(total_sq: torch.Tensor, max_grad_norm: float, scale_mode: str, 
     return factors * scale, norms
 
 
-def privatize(weighted: torch.Tensor, noise: torch.Tensor, offset: int, scalars: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
-    """(clipped sum + std * z) / divisor, z = noise[offset : offset + numel].
+def noise_scales(weights: torch.Tensor, scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_b / d, std / d), once per step: the clip weights and the noise std divided by the
+    batch divisor d, so each gradient's privatization is one multiply-add.
 
-    scalars = [noise std, expected batch size or 0 for "the actual batch size"].
-    """
+    scalars = [noise std, expected batch size or 0 for "the actual batch size"]."""
     std, expected = scalars[0], scalars[1]
-    divisor = torch.where(expected > 0, expected, torch.ones_like(expected) * weights.shape[0])
-    z = noise.narrow(0, offset, weighted.numel()).view(weighted.shape)
-    return ((weighted.float() + std * z.float()) / divisor).to(weighted.dtype)
+    divisor = torch.where(expected > 0, expected, torch.full_like(expected, weights.shape[0]))
+    return weights / divisor, std / divisor
+
+
+def privatize(clipped: torch.Tensor, noise: torch.Tensor, offset: int, std: torch.Tensor) -> torch.Tensor:
+    """clipped + std * z in float32, z = noise[offset : offset + numel]; `clipped` is already
+    divided by the batch divisor (its clip weights were, `noise_scales`), `std` too."""
+    z = noise.narrow(0, offset, clipped.numel()).view(clipped.shape)
+    return (clipped.float() + std * z).to(clipped.dtype)

@@ -146,7 +146,7 @@ class PrivacyState:
 
     def _release_deferred(self, pending) -> None:
         from .distributed import graph_scalars
-        from .per_sample import clip_weights, privatize, weighted_sum
+        from .per_sample import clip_weights, noise_scales, privatize, weighted_sum
 
         opts = self.options
         total = sum(sq for _, sq, _ in pending)
@@ -155,6 +155,7 @@ class PrivacyState:
         self.check_norms(norms)
         device = total.device
         scalars = torch.tensor(graph_scalars(self), device=device)  # data-parallel: noise on one rank only
+        weights, std = noise_scales(weights, scalars)
         ordered = sorted(pending, key=lambda item: item[0].noise_key)
         noises = iter(self._deferred_noise([ps[0].numel() for _, _, grads in ordered for ps in grads], device))
         for ctx, _, per_sample_grads in ordered:
@@ -162,7 +163,7 @@ class PrivacyState:
                 param = ctx.params[position]
                 clipped = weighted_sum(weights, ps)
                 noise = next(noises)
-                grad = privatize(clipped, noise, 0, scalars, weights).to(param.dtype)
+                grad = privatize(clipped, noise, 0, std).to(param.dtype)
                 param.grad = grad if param.grad is None else param.grad + grad
 
     def check_norms(self, norms: torch.Tensor) -> None:

@@ -1,5 +1,9 @@
 """noise: add Gaussian noise to the clipped sums and divide by the batch size.
 
+The division is folded into the clip weights (`per_sample.noise_scales`, once per step):
+w_b / d weights every clipped sum, and each gradient's privatization is then one
+multiply-add of its own noise, (Σ_b w_b g_b + σR·z) / d = Σ_b (w_b/d) g_b + (σR/d)·z.
+
 Two runtime inputs are appended to the backward graph, after those of earlier passes:
 ``dp_noise``, a flat float32 N(0, 1) vector covering every privatized gradient of the
 graph (drawn by the runtime from the privacy state's seeded generator, so the stream is
@@ -13,6 +17,8 @@ w_t = (C⁻¹Z)_t of the banded square root C instead of z_t, computed by the ru
 recursion over the last p − 1 noise vectors of this graph's stream (`dpcompile.bsr`).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -37,6 +43,13 @@ def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
         noise = graph.placeholder("dp_noise")
     with graph.inserting_after(noise):
         scalars = graph.placeholder("dp_scalars")
+    weights = ctx.plan["weights"]
+    with graph.inserting_after(weights):
+        scales = graph.call_function(per_sample.noise_scales, (weights, scalars))
+    with graph.inserting_after(scales):
+        scaled_weights = graph.call_function(operator.getitem, (scales, 0))
+        std = graph.call_function(operator.getitem, (scales, 1))
+    weights.replace_all_uses_with(scaled_weights, delete_user_cb=lambda user: user is not scales)
     out_node = graph.output_node()
     outputs = list(out_node.args[0])
     offset = 0
@@ -46,13 +59,13 @@ def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
     expanders = ctx.plan.get("lsg_expand", {})
     with graph.inserting_before(out_node):
         for position, clipped in sorted(ctx.plan["clipped"].items()):
-            noisy = graph.call_function(per_sample.privatize, (clipped, noise, offset, scalars, ctx.plan["weights"]))
+            noisy = graph.call_function(per_sample.privatize, (clipped, noise, offset, std))
             outputs[position] = expanders[position](noisy) if position in expanders else noisy
             sizes[position] = (offset, numels[position])
             offset += numels[position]
         for summed, members in ctx.plan.get("packs", []):  # small gradients: one flat sum, noised once
             with graph.inserting_after(summed):
-                noisy = graph.call_function(per_sample.privatize, (summed, noise, offset, scalars, ctx.plan["weights"]))
+                noisy = graph.call_function(per_sample.privatize, (summed, noise, offset, std))
             summed.replace_all_uses_with(noisy, delete_user_cb=lambda user: user is not noisy)
             for position, start, numel, _ in members:
                 sizes[position] = (offset + start, numel)
