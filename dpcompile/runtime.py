@@ -46,6 +46,7 @@ class PrivateBackward:
         self.state = state
         self.ctx = ctx
         self.n_extra = len(ctx.extra_outputs)
+        self.noise_cut = _noise_cut(ctx)
 
     def __call__(self, args: list[Any]) -> Any:
         state, ctx = self.state, self.ctx
@@ -66,16 +67,12 @@ class PrivateBackward:
     def _graph_inputs(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """The flat noise cut into the per-gradient views the compiled graph takes
         (`backends.dp.split_noise_input`)."""
-        pieces = self.ctx.plan.get("noise_pieces")
-        if not pieces:
+        if self.noise_cut is None:
             return values
-        index = list(self.ctx.runtime_inputs).index("dp_noise")
+        index, sizes, pieces = self.noise_cut
         noise = values[index]
-        starts = [start for start, _ in pieces]
-        sizes = [numel for _, numel in pieces]
-        if starts[0] == 0 and sum(sizes) == noise.numel() and all(
-                a + n == b for a, n, b in zip(starts, sizes, starts[1:])):
-            views = list(noise.split(sizes))  # they tile the vector: one call
+        if sizes is not None:  # the pieces tile the vector: one call
+            views = list(noise.split(sizes))
         else:
             views = [noise.narrow(0, start, numel) for start, numel in pieces]
         return values[:index] + views + values[index + 1:]
@@ -91,3 +88,14 @@ class PrivateBackward:
             # [σR or 0, divisor]; data-parallel: noise on one rank, divisor per reduction (dpcompile.distributed)
             values["dp_scalars"] = torch.tensor(graph_scalars(state), dtype=torch.float32).to(device, non_blocking=True)
         return [values[name] for name in ctx.runtime_inputs]
+
+
+def _noise_cut(ctx: Any) -> tuple | None:
+    """(index of dp_noise among the runtime inputs, piece sizes if they tile it else None, pieces)."""
+    pieces = ctx.plan.get("noise_pieces")
+    if not pieces:
+        return None
+    ends = [start + numel for start, numel in pieces]
+    tiles = [start for start, _ in pieces] == [0] + ends[:-1] and ends[-1] == ctx.plan["noise_numel"]
+    sizes = [numel for _, numel in pieces] if tiles else None
+    return list(ctx.runtime_inputs).index("dp_noise"), sizes, pieces

@@ -1,6 +1,7 @@
 """Noise: right distribution and scale, exactly once per step, reproducible from the seed."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 from scipy import stats
@@ -125,3 +126,21 @@ def test_each_parameter_gets_its_own_slice_of_the_step_noise():
         i = by_param[id(param)]
         torch.testing.assert_close((grads[1][i] - grads[0][i]) * EBS / (SIGMA * R),
                                    z[offset:offset + n].view_as(param), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pieces", [[(0, 3), (3, 4)], [(0, 3), (5, 2)]])
+def test_the_flat_noise_is_cut_into_the_inputs_the_compiled_backward_takes(pieces):
+    """Each privatized gradient's noise reaches the compiled graph as its own input; tiling cuts
+    and cuts with gaps alike hand each piece exactly its coordinates of the flat draw."""
+    from types import SimpleNamespace
+
+    from dpcompile.runtime import PrivateBackward
+
+    ctx = SimpleNamespace(plan={"noise_pieces": pieces, "noise_numel": 7}, extra_outputs=[],
+                          runtime_inputs={"lsg_0": (2,), "dp_noise": (7,), "dp_scalars": (2,)})
+    lsg, flat, scalars = torch.zeros(2), torch.arange(7.0), torch.ones(2)
+    out = PrivateBackward(None, None, ctx)._graph_inputs([lsg, flat, scalars])
+    assert out[0] is lsg and out[-1] is scalars and len(out) == 2 + len(pieces)
+    for (start, numel), piece in zip(pieces, out[1:-1]):
+        assert torch.equal(piece, flat[start:start + numel])
+        assert piece.data_ptr() == flat[start:].data_ptr()  # a view: no copy per step
