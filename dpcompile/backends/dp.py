@@ -182,7 +182,6 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: Co
     run_pipeline(BACKWARD_PIPELINE, gm, ctx)
     input_names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     decomposed, inputs = _decompose(gm, example_inputs, ctx)
-    ctx.final_graph = decomposed
     _keep_graph(ctx, "backward", decomposed, input_names=input_names)
     inputs = split_noise_input(decomposed, inputs, ctx)
     on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
