@@ -32,24 +32,31 @@ def test_variable_batch_sizes_compile_at_most_twice():
     assert state.steps == 7
 
 
+def _record_compiles(monkeypatch, record=lambda gm, example_inputs: (gm, list(example_inputs))) -> list:
+    """What `record(gm, example_inputs)` returns for each graph the dp backend hands to Inductor
+    (forward, then backward), in order."""
+    from dpcompile.backends import dp
+
+    seen, compile_graph = [], dp._compile_graph
+
+    def recording(gm, example_inputs, kwargs):
+        seen.append(record(gm, example_inputs))
+        return compile_graph(gm, example_inputs, kwargs)
+
+    monkeypatch.setattr(dp, "_compile_graph", recording)
+    return seen
+
+
 def _inductor_settings_seen(monkeypatch, options: dict | None, names: tuple[str, ...], batch: int = 8,
                            **compile_kwargs) -> list[dict]:
     """Compile and run one step; the Inductor settings each graph (forward, backward) was compiled under."""
-    from dpcompile.backends import dp
-
     def setting(name: str):
         value = torch._inductor.config
         for part in name.split("."):
             value = getattr(value, part)
         return value
 
-    seen, compile_graph = [], dp._compile_graph
-
-    def recording(gm, example_inputs, kwargs):
-        seen.append({name: setting(name) for name in names})
-        return compile_graph(gm, example_inputs, kwargs)
-
-    monkeypatch.setattr(dp, "_compile_graph", recording)
+    seen = _record_compiles(monkeypatch, lambda gm, example_inputs: {name: setting(name) for name in names})
     torch._dynamo.reset()
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     options = None if options is None else {"noise_multiplier": 0.0, **options}
@@ -79,9 +86,7 @@ def test_per_sample_gemms_read_transposed_operands_in_place(monkeypatch):
     from torch.fx.experimental.proxy_tensor import make_fx
     from dpcompile.backends import dp
 
-    graphs, compile_graph = [], dp._compile_graph
-    monkeypatch.setattr(dp, "_compile_graph", lambda gm, inputs, kwargs: graphs.append(gm) or compile_graph(
-        gm, inputs, kwargs))
+    graphs = _record_compiles(monkeypatch, lambda gm, example_inputs: gm)
     torch._dynamo.reset()
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0, "strategy": "instantiate"})
@@ -150,15 +155,7 @@ def test_small_gradients_share_one_norm_sum_and_noise_kernel():
 def _backward_graph_seen(monkeypatch, net: nn.Module, step) -> tuple:
     """Compile `net` with the dp backend, run `step(model)`; the backward graph Inductor got
     and its example inputs."""
-    from dpcompile.backends import dp
-
-    graphs, compile_graph = [], dp._compile_graph
-
-    def recording(gm, example_inputs, kwargs):
-        graphs.append((gm, list(example_inputs)))
-        return compile_graph(gm, example_inputs, kwargs)
-
-    monkeypatch.setattr(dp, "_compile_graph", recording)
+    graphs = _record_compiles(monkeypatch)
     step(torch.compile(net, backend="dp", options={"sample_rate": 0.01, "strategy": "instantiate"}))
     return graphs[-1]
 

@@ -97,8 +97,6 @@ def test_checkpoint_resume_gives_bit_identical_noise():
     assert dpcompile.privacy_spent(model, 1e-5) == eps
 
 
-
-
 def test_each_parameter_gets_its_own_slice_of_the_step_noise():
     """(noisy − clean)·EBS/(σR) is exactly the parameter's slice of the step's N(0, 1) vector, for
     gradients noised one by one and for small ones packed into one flat sum alike: every
