@@ -35,11 +35,11 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+if TYPE_CHECKING:
+    import dp_accounting
+
 
 __all__ = ["MECHANISMS", "PrivacyAccountant", "epsilon", "calibrate_noise_multiplier"]
 
@@ -233,7 +233,11 @@ def _check_delta(delta: Any, name: str = "delta") -> float:
 
 
 # --- dp_accounting ----------------------------------------------------------------------
+# Imported where used: dp_accounting pulls in scipy (~2.7 s on a CPU host), which would
+# otherwise land in `import dpcompile` and in every process's first dp compile.
 def _dp_event(history: Iterable[Segment]) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     parts = []
     for sigma, q, n in history:
         gaussian = dp_accounting.GaussianDpEvent(sigma)
@@ -248,12 +252,16 @@ _INTEGER_RDP_ORDERS = tuple(range(2, 64)) + (128, 256, 512, 1024)
 
 
 def _rdp_epsilon(event: dp_accounting.DpEvent, delta: float, orders: Iterable[float] | None = None) -> float:
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     accountant = rdp_privacy_accountant.RdpAccountant(orders=None if orders is None else list(orders))
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
 
 
 def _pld_epsilon(event: dp_accounting.DpEvent, delta: float, interval: float) -> float:
+    from dp_accounting.pld import pld_privacy_accountant
+
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=interval)
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))

@@ -300,3 +300,24 @@ def test_rejected_step_leaves_the_history_untouched():
     with pytest.raises(ValueError):
         acc.load_state_dict({"mechanism": "pld", "history": [[1.0, 0.01, 5], [0.0, 0.01, 5]]})
     assert acc.history == [(1.0, 0.01, 10)] and acc.mechanism == "pld"
+
+
+def test_importing_dpcompile_and_compiling_leave_dp_accounting_unloaded_until_epsilon_is_asked():
+    """dp_accounting (and the scipy it imports) costs seconds to load: it stays out of `import
+    dpcompile` and of a compiled private step, and loads when ε is first computed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, dpcompile\n"
+        "net = torch.nn.Linear(4, 2)\n"
+        "model = torch.compile(net, backend='dp', options={'noise_multiplier': 1.0, 'sample_rate': 0.1})\n"
+        "model(torch.randn(8, 4)).sum().backward()\n"
+        "assert net.weight.grad is not None\n"
+        "print('dp_accounting' in sys.modules)\n"
+        "print(round(dpcompile.privacy_spent(model, delta=1e-5), 6), 'dp_accounting' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded_after_step, (eps, loaded_after_epsilon) = out.stdout.split("\n")[0], out.stdout.split("\n")[1].split()
+    assert loaded_after_step == "False"
+    assert loaded_after_epsilon == "True" and float(eps) > 0

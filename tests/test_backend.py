@@ -120,22 +120,28 @@ def test_gemm_padding_is_off_when_it_could_pad_the_sample_rows(monkeypatch):
     assert [s["shape_padding"] for s in seen] == [True, True]
 
 
-def test_backward_unrolls_batch_reductions_on_gpu_unless_the_user_sets_the_threshold(monkeypatch):
-    """Σ_b w_b G_b: on GPUs, static batches below 65 become pointwise kernels (dp.UNROLL_BATCH_BELOW);
-    CPU graphs keep Inductor's setting (its C++ tiling search is slow on unrolled kernels)."""
-    from dpcompile.backends.dp import UNROLL_BATCH_BELOW, _backward_patches
+def test_backward_inductor_settings_unroll_batch_sums_on_gpu_and_narrow_the_fusion_search(monkeypatch):
+    """Σ_b w_b G_b: on GPUs, static batches up to 16 become pointwise kernels (dp.UNROLL_BATCH_BELOW);
+    CPU graphs keep Inductor's threshold (its C++ tiling search is slow on unrolled kernels). The
+    backward's fusion search tries fewer pairs per shared buffer (dp.FUSION_PAIR_WINDOW). A value
+    the user sets wins; the forward graph keeps Inductor's settings."""
+    from dpcompile.backends.dp import FUSION_PAIR_WINDOW, UNROLL_BATCH_BELOW, _backward_patches
     from dpcompile.options import DPOptions
 
-    default = torch._inductor.config.unroll_reductions_threshold
+    config = torch._inductor.config
+    unroll, window = config.unroll_reductions_threshold, config.max_fusion_buffer_group_pairwise_attempts
+    assert UNROLL_BATCH_BELOW > unroll and FUSION_PAIR_WINDOW < window  # else the patches do nothing
     assert _backward_patches(DPOptions.from_dict({}), on_gpu=True) == {
-        "unroll_reductions_threshold": max(default, UNROLL_BATCH_BELOW)}
-    assert _backward_patches(DPOptions.from_dict({}), on_gpu=False) == {}
-    assert _backward_patches(DPOptions.from_dict({"inductor": {"unroll_reductions_threshold": 3}}), on_gpu=True) == {}
-    seen = _inductor_settings_seen(monkeypatch, {}, ("unroll_reductions_threshold",))
-    assert [s["unroll_reductions_threshold"] for s in seen] == [default, default]  # this test's graphs run on CPU
-    seen = _inductor_settings_seen(monkeypatch, {"inductor": {"unroll_reductions_threshold": 3}},
-                                   ("unroll_reductions_threshold",))
-    assert [s["unroll_reductions_threshold"] for s in seen] == [3, 3]
+        "unroll_reductions_threshold": UNROLL_BATCH_BELOW, "max_fusion_buffer_group_pairwise_attempts": FUSION_PAIR_WINDOW}
+    assert _backward_patches(DPOptions.from_dict({}), on_gpu=False) == {
+        "max_fusion_buffer_group_pairwise_attempts": FUSION_PAIR_WINDOW}
+    user = {"unroll_reductions_threshold": 3, "max_fusion_buffer_group_pairwise_attempts": 99}
+    assert _backward_patches(DPOptions.from_dict({"inductor": user}), on_gpu=True) == {}
+    names = ("unroll_reductions_threshold", "max_fusion_buffer_group_pairwise_attempts")
+    seen = _inductor_settings_seen(monkeypatch, {}, names)  # [forward, backward]; this test's graphs run on CPU
+    assert seen == [dict(zip(names, (unroll, window))), dict(zip(names, (unroll, FUSION_PAIR_WINDOW)))]
+    seen = _inductor_settings_seen(monkeypatch, {"inductor": user}, names)
+    assert seen == [user, user]
 
 
 def test_small_gradients_share_one_norm_sum_and_noise_kernel():
