@@ -19,6 +19,8 @@ from .options import DPOptions
 
 STATE_ATTR = "_dpcompile_state"
 GUARD_ATTR = "_dpcompile_guarded"
+IN_GRAPH_ATTR = "_dpcompile_in_graph"  # an input of some dp-compiled graph: its gradient is clipped there
+NAME_ATTR = "_dpcompile_name"
 
 
 class PrivacyState:
@@ -235,11 +237,30 @@ def guard_parameters(params) -> None:
             setattr(p, GUARD_ATTR, True)
 
 
+def guard_module(module: torch.nn.Module) -> None:
+    """Guard every trainable parameter of a module compiled with the dp backend, not only the
+    ones its graphs take: Dynamo runs what it cannot trace (a forward under
+    ``torch._dynamo.disable``, an untraceable call) eagerly between the graphs, and a parameter
+    used there would get a gradient that no clip factor covers and whose norm no clip factor saw."""
+    for name, p in module.named_parameters():
+        if p.requires_grad and not hasattr(p, NAME_ATTR):
+            setattr(p, NAME_ATTR, f"{type(module).__name__}.{name}")
+    guard_parameters(module.parameters())
+
+
 def _refuse_unclipped_gradient(param: torch.Tensor) -> None:
     state = getattr(param, STATE_ATTR, None)
-    if state is None or torch._C._current_graph_task_id() == state._task:
+    in_graph = getattr(param, IN_GRAPH_ATTR, False)
+    if in_graph and state is not None and torch._C._current_graph_task_id() == state._task:
         return
     param.grad = None
+    if not in_graph:
+        name = getattr(param, NAME_ATTR, f"of shape {tuple(param.shape)}")
+        raise DPCompileError(
+            f"dpcompile: parameter {name} received a gradient from code that torch.compile ran eagerly, outside "
+            "the dp-compiled graphs (a forward under torch._dynamo.disable, a call Dynamo cannot trace, an FSDP "
+            "hook), so no clip factor covers it; the gradient was discarded. Make that code traceable "
+            "(TORCH_LOGS=graph_breaks lists the breaks) or freeze the parameter (requires_grad=False).")
     raise DPCompileError(
         f"dpcompile: a parameter of shape {tuple(param.shape)} received a gradient from a backward pass that did "
         "not run through its dp-compiled graph, so the gradient is neither clipped nor noised; it was discarded. "

@@ -323,3 +323,36 @@ def test_make_private_data_parallel_needs_a_process_group():
     with pytest.raises(DPCompileError, match="no torch.distributed process group"):
         dpcompile.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), DataLoader(dataset(), batch_size=8),
                                noise_multiplier=1.0, data_parallel=True)
+
+
+def test_a_compiled_module_holding_fsdp_shards_is_refused():
+    """FSDP2's hooks run outside the compiled graphs and its parameters are DTensor shards, so
+    per-sample norms would miss them: the dp backend refuses any module it compiles that holds an
+    FSDP-managed submodule, naming it (run in a one-rank gloo group of its own process).
+
+    End to end, Dynamo (torch 2.13) compiles no graph at all for a forward that enters an FSDP2
+    module (its hooks are under torch._dynamo.disable), so the backend never runs: README lists
+    FSDP as unsupported and undetectable on that path."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch, torch.distributed as dist, torch.nn as nn\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "from dpcompile import DPCompileError\n"
+        "from dpcompile.backends.dp import _guard_compiled_module\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'])\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))\n"
+        "_guard_compiled_module(net)  # plain: accepted\n"
+        "fully_shard(net[2])\n"
+        "try:\n"
+        "    _guard_compiled_module(net)\n"
+        "    print('accepted')\n"
+        "except DPCompileError as e:\n"
+        "    print(e)\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "PORT": str(29700 + os.getpid() % 200)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 (FSDPLinear) is sharded by FSDP" in out.stdout and "Use DDP" in out.stdout, out.stdout

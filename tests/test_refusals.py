@@ -224,6 +224,58 @@ def test_a_gradient_that_bypasses_the_compiled_graph_is_refused_not_released():
     assert all(p.grad is None for p in net.parameters())
 
 
+class EagerBlock(nn.Module):
+    """A parameterized submodule Dynamo does not trace: it runs eagerly between the dp graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    @torch._dynamo.disable
+    def forward(self, x):
+        return self.fc(x)
+
+
+class WithEagerBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.b = nn.Linear(6, 8), EagerBlock(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.mid(torch.relu(self.a(x)))))
+
+
+def test_a_parameter_used_outside_the_dp_graphs_is_refused_by_name():
+    """Dynamo runs a `torch._dynamo.disable` forward eagerly: its parameters' gradients would bypass
+    the clip factors (and be missing from the norms). Found through the compiled module, refused
+    with the parameter's name, the gradient discarded; frozen, the same model trains."""
+    torch._dynamo.reset()
+    net = WithEagerBlock()
+    with pytest.raises(DPCompileError, match=r"WithEagerBlock\.mid\.fc\.(weight|bias).*outside the dp-compiled graphs"):
+        run_private(net, torch.randn(8, 6), max_grad_norm=1e-3)
+    assert net.mid.fc.weight.grad is None and net.mid.fc.bias.grad is None
+    torch._dynamo.reset()
+    frozen = WithEagerBlock()
+    frozen.mid.requires_grad_(False)
+    run_private(frozen, torch.randn(8, 6))
+    assert frozen.a.weight.grad is not None and frozen.mid.fc.weight.grad is None
+
+
+def test_make_private_refuses_a_parameter_used_outside_the_dp_graphs():
+    """make_private attaches the privacy state to every parameter up front; being attached is not
+    being clipped: the parameter must be an input of a dp graph."""
+    torch._dynamo.reset()
+    net = WithEagerBlock()
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    model, _optimizer, loader = dpcompile.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), loader,
+                                                       noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    x, y = next(iter(loader))
+    with pytest.raises(DPCompileError, match="outside the dp-compiled graphs"):
+        F.cross_entropy(model(x), y).backward()
+    assert net.mid.fc.weight.grad is None and net.mid.fc.bias.grad is None
+
+
 class TokenMeanLoss(nn.Module):
     """A sequence model that returns its own loss, averaged over all tokens of the batch."""
 

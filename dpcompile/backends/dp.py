@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -29,7 +30,7 @@ from ..errors import DPCompileError
 from ..options import DPOptions
 from ..passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
 from ..passes.base import HOOKS, CompileContext, node_shape, to_expr
-from ..state import STATE_ATTR, PrivacyState, guard_parameters
+from ..state import IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, guard_module, guard_parameters
 from ..runtime import OwnParametersOnly, PrivateBackward
 
 aten = torch.ops.aten
@@ -48,6 +49,7 @@ _states_by_options: dict[int, PrivacyState] = {}
 def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                mode: str | None = None, **unused: Any):
     state = _state_for(options, example_inputs)
+    _guard_compiled_module(_traced_module())
     check_compile(state)  # under DDP: refuses Dynamo's DDPOptimizer (one graph per bucket) and make_private models
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and reason.graph_break:
@@ -102,8 +104,38 @@ def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacySt
             _states_by_options[id(options)] = state
     for p in params:
         setattr(p, STATE_ATTR, state)
+        setattr(p, IN_GRAPH_ATTR, True)
     guard_parameters(params)
     return state
+
+
+def _traced_module() -> torch.nn.Module | None:
+    """The module torch.compile wrapped: the innermost `OptimizedModule` on the Python stack
+    (Dynamo compiles a frame just before running it, so its callers are still on the stack).
+    None for a compiled function or a direct backend call."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, OptimizedModule):
+            return owner._orig_mod
+        frame = frame.f_back
+    return None
+
+
+def _guard_compiled_module(module: torch.nn.Module | None) -> None:
+    if module is None:
+        return
+    sharded = next((f"{name or type(module).__name__} ({type(m).__name__})" for name, m in module.named_modules()
+                    if type(m).__name__.startswith("FSDP")
+                    or any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False))), None)
+    if sharded is not None:
+        raise DPCompileError(
+            f"dpcompile: {sharded} is sharded by FSDP (fully_shard / DTensor parameters), which the dp backend "
+            "does not support: FSDP's hooks run outside the compiled graphs, so per-sample norms would miss the "
+            "sharded parameters. Use DDP (see README, Distributed data parallel) or a single process.")
+    guard_module(module)
 
 
 def register_state(options: dict, module: torch.nn.Module) -> PrivacyState:
