@@ -280,4 +280,7 @@ def state_of(model: torch.nn.Module) -> PrivacyState:
             return state
     raise DPCompileError(
         "dpcompile: this model has no privacy state yet; compile it with torch.compile(model, backend='dp', "
-        "options={...}) and run at least one forward pass first")
+        "options={...}) and run at least one forward pass first. If the compiled model has already trained, "
+        "torch.compile never called the dp backend for it and its gradients were neither clipped nor noised: "
+        "this happens for torch.compile(DDP(model)) and for FSDP2 (fully_shard) modules, which Dynamo runs "
+        "eagerly")

@@ -157,6 +157,16 @@ def test_non_finite_per_sample_norm_raises_and_releases_nothing():
     assert model.fc.weight.grad is None
 
 
+def test_privacy_spent_of_a_model_no_dp_graph_ran_for_says_it_trained_without_dp():
+    """torch.compile can run a model without ever calling the backend (FSDP2, torch.compile(DDP(m))):
+    asking for ε then must not look like a missing setup step only."""
+    net = nn.Linear(3, 2)
+    torch.compile(net, backend="dp", options={"noise_multiplier": 1.0, "sample_rate": 0.1})
+    net(torch.randn(4, 3)).sum().backward()  # the original module: no dp graph
+    with pytest.raises(DPCompileError, match="neither clipped nor noised"):
+        dpcompile.privacy_spent(net, delta=1e-5)
+
+
 def test_privacy_spent_needs_a_sample_rate():
     model = nn.Linear(3, 2)
     run_private(model, torch.randn(4, 3), noise_multiplier=1.0)
