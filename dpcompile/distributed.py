@@ -12,7 +12,7 @@ With D = ``expected_batch_size`` (the *global* expected batch size q·N):
 
 * reduction "sum" (``make_private``: dpcompile all-reduces the gradients itself in
   ``DPOptimizer.step``), d = D:          Σ_r g_r       = (Σ_r S_r + σR z) / D;
-* reduction "mean" (DDP averages over the group), d = D / W:
+* reduction "mean" (DDP or FSDP2 averages over the group), d = D / W:
                                         (1/W) Σ_r g_r = (Σ_r S_r + σR z) / D.
 
 Either way the result is the single-process release on the union batch: the clipped sum of all
@@ -55,6 +55,10 @@ Supported patterns:
   it is refused. ``torch.compile(DDP(model), backend="dp")`` is not supported: Dynamo skips
   DDP's forward and, for a top-level ``torch.nn`` container, may never call the dp backend at
   all (no clipping, no noise, and nothing dpcompile can detect); wrap the compiled model instead.
+* ``fully_shard(torch.compile(model, backend="dp", options=...))`` (FSDP2, the compiled model as
+  one unit): FSDP's hooks all-gather around the compiled forward and its reduce-scatter averages,
+  so it is DDP's "mean" algebra over the shard group (`_check_fsdp`). ``fully_shard`` on modules
+  inside the compiled model is not supported: Dynamo runs them eagerly, outside the dp graphs.
 """
 from __future__ import annotations
 
@@ -82,7 +86,8 @@ class DataParallel:
     group: Any  # the process group (None: the default group)
     rank: int  # rank within the group
     world_size: int
-    reduction: str  # "sum": DPOptimizer all-reduces; "mean": DDP averages
+    reduction: str  # "sum": DPOptimizer all-reduces; "mean": DDP or FSDP averages
+    wrapper: str = ""  # "DDP" or "FSDP" for reduction "mean": what must wrap every training forward
     batch_digest: int = 0  # of the current global batch (make_private's loader), checked each step
     synced_step: int = -1  # privacy step whose gradients were last summed (a second optimizer.step() skips it)
 
@@ -321,19 +326,24 @@ def check_compile(state: Any) -> None:
 
 
 def check_forward(state: Any, ctx: Any) -> None:
-    """At every compiled training forward: attach to an enclosing DDP, or refuse a wrong combination."""
+    """At every compiled training forward: attach to an enclosing DDP or FSDP2, or refuse a wrong
+    combination."""
+    fsdp = _fsdp_param_group(state.compiled_module())
+    if fsdp is not None:
+        return _check_fsdp(fsdp, state, ctx)
     ddp = _active_ddp()
     dp = data_parallel_of(state)
     if ddp is None:
         if dp is not None and dp.reduction == "mean":
             raise DPCompileError(
-                "dpcompile: this model trains under DistributedDataParallel (noise is added on rank 0 only and "
-                "DDP averages the gradients), but this forward ran outside the DDP wrapper: its gradients would "
-                "not be synchronized (and, off rank 0, would carry no noise). Call the DDP-wrapped model (use "
+                f"dpcompile: this model trains under {dp.wrapper} (noise is added on rank 0 only and the gradients "
+                f"are averaged over the ranks), but this forward ran outside the {dp.wrapper} wrapper: its gradients would not "
+                "be synchronized (and, off rank 0, would carry no noise). Call the wrapped model (use "
                 "torch.no_grad() for evaluation)")
         return
     if dp is None:
         dp = attach(state, ddp.process_group, "mean")
+        dp.wrapper = "DDP"
     _refuse_make_private_in_ddp(dp)
     if dp.group is not ddp.process_group:
         raise DPCompileError("dpcompile: this model was attached to another DistributedDataParallel process group")
@@ -347,12 +357,16 @@ def _refuse_make_private_in_ddp(dp: DataParallel | None) -> None:
             "(one all-reduce per step in its optimizer); do not wrap it in DistributedDataParallel")
 
 
-def _check_ddp_usage(ddp: Any, state: Any, ctx: Any) -> None:
+def _refuse_graph_breaks(state: Any, ctx: Any, wrapper: str) -> None:
     if ctx.deferred or state.multi_graph:
         raise DPCompileError(
             "dpcompile: the model has graph breaks; their per-sample clipping runs after the whole backward, "
-            "after DDP has already reduced the gradients. Remove the graph breaks (TORCH_LOGS=graph_breaks) or "
+            f"after {wrapper} has already reduced the gradients. Remove the graph breaks (TORCH_LOGS=graph_breaks) or "
             "use dpcompile.make_private, which synchronizes after clipping")
+
+
+def _check_ddp_usage(ddp: Any, state: Any, ctx: Any) -> None:
+    _refuse_graph_breaks(state, ctx, "DDP")
     synced = getattr(ddp, "_dpcompile_param_ids", None)
     if synced is None:
         synced = {id(p) for p in getattr(ddp, "_module_parameters", ddp.module.parameters())}
@@ -378,3 +392,60 @@ def _check_ddp_usage(ddp: Any, state: Any, ctx: Any) -> None:
             "dpcompile: a releasing backward (the step's noise) runs under DDP.no_sync(): its gradient would not be "
             "synchronized. Use no_sync() only for accumulation micro-steps (privacy_state(model).release_next = "
             "False) and synchronize the last one")
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+def _fsdp_param_group(module: Any) -> Any:
+    """FSDP2's parameter group when `fully_shard` wraps the compiled model itself, else None.
+
+    Only that pattern, `fully_shard(torch.compile(model, backend="dp"))`, is supported: FSDP's
+    hooks then run around the compiled forward, which sees the all-gathered parameters, and the
+    reduce-scatter averages the released gradients like DDP. (An FSDP module *inside* the
+    compiled model makes Dynamo run its forward eagerly, outside any dp graph.)"""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    if not isinstance(module, FSDPModule):
+        return None
+    group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+    if group is None or not all(hasattr(group, a) for a in ("mesh_info", "reduce_grads", "fsdp_params")):
+        raise DPCompileError(
+            "dpcompile: the compiled model is wrapped by FSDP2 (fully_shard), but this torch version's FSDP "
+            "internals are not the ones dpcompile checks (mesh, gradient sync, managed parameters); refusing "
+            "rather than guessing how the gradients are reduced")
+    return group
+
+
+def _check_fsdp(fsdp: Any, state: Any, ctx: Any) -> None:
+    """fully_shard(compiled model): each rank clips its samples, rank 0 adds the noise, and
+    FSDP's reduce-scatter averages the gradients over the shard group (reduction "mean")."""
+    mesh = fsdp.mesh_info
+    if type(mesh).__name__ != "FSDPMeshInfo":
+        raise DPCompileError(
+            f"dpcompile: FSDP2 with {type(mesh).__name__} (replicated or hybrid sharding) is not supported: the "
+            "noise-on-rank-0 algebra is checked for one 1-D shard group. Use fully_shard over a 1-D mesh")
+    if getattr(fsdp, "gradient_divide_factor", None) is not None or getattr(fsdp, "_all_reduce_hook", None):
+        raise DPCompileError(
+            "dpcompile: a custom FSDP gradient divide factor or all-reduce hook is set; the noise-on-rank-0 "
+            "algebra needs FSDP's default average over the ranks")
+    dp = data_parallel_of(state)
+    if dp is None:
+        dp = attach(state, mesh.shard_process_group, "mean")
+        dp.wrapper = "FSDP"
+    _refuse_make_private_in_ddp(dp)
+    if dp.wrapper != "FSDP" or dp.group is not mesh.shard_process_group:
+        raise DPCompileError("dpcompile: this model was attached to another data-parallel wrapper or process group")
+    _refuse_graph_breaks(state, ctx, "FSDP")
+    managed = {id(p.unsharded_param) for p in fsdp.fsdp_params}
+    missing = [ctx.param_names.get(i, "?") for i, p in ctx.params.items() if id(p) not in managed]
+    if missing:
+        raise DPCompileError(
+            f"dpcompile: parameters {missing[:5]} are not managed by the enclosing fully_shard (ignored_params?); "
+            "their gradients would stay local and, off rank 0, noise-free")
+    if state.release_next and not fsdp.reduce_grads:
+        raise DPCompileError(
+            "dpcompile: a releasing backward (the step's noise) runs with FSDP's gradient sync off "
+            "(set_requires_gradient_sync(False)): its gradient would not be reduced. Turn sync off only for "
+            "accumulation micro-steps (privacy_state(model).release_next = False) and back on for the last one")

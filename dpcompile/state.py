@@ -35,6 +35,7 @@ class PrivacyState:
         self.last_sample_norms: torch.Tensor | None = None
         self.compiled: list[Any] = []  # CompileContext of every compiled region, for inspection
         self.multi_graph = False  # set when dynamo splits the model (graph breaks)
+        self.compiled_module: Any = lambda: None  # weakref to torch.compile's wrapper (FSDP2 may shard it)
         self._task: int | None = None
         self._runs_in_task: list[Any] = []  # CompileContext of each compiled backward run this pass
         self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
@@ -274,6 +275,9 @@ def stream_seed(seed: int, step: int, stream: str) -> int:
 
 
 def state_of(model: torch.nn.Module) -> PrivacyState:
+    state = getattr(model, STATE_ATTR, None)  # set on the compiled module (OptimizedModule forwards it)
+    if isinstance(state, PrivacyState):
+        return state
     for p in model.parameters():
         state = getattr(p, STATE_ATTR, None)
         if state is not None:

@@ -7,6 +7,7 @@ With DPCOMPILE_TEST_DEVICE=cuda (two GPUs) the ranks run on cuda:0 and cuda:1 ov
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -61,7 +62,8 @@ def network() -> nn.Module:
 
 
 def snapshot(net: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().cpu().clone() for p in net.parameters()]
+    """The parameters, whole (FSDP2 shards are gathered)."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone() for p in net.parameters()]
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -146,6 +148,31 @@ def ddp_run(rank: int) -> dict:
             "seed": state.seed, "bsr": bsr_buffers(state), "model": model}
 
 
+def fsdp_run(rank: int) -> dict:
+    """fully_shard(torch.compile(...)): FSDP2 all-gathers around the compiled forward and averages
+    the released gradients with a reduce-scatter, like DDP (noise on rank 0 only)."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = network()
+    options = dict(DDP_OPTIONS, seed=3 if rank == 0 else 1234)
+    model = fully_shard(torch.compile(net, backend="dp", options=options))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)  # FSDP2's DTensor shards
+    params = compiled_run(model, net, opt, lambda t: t[rank * PER_RANK:(rank + 1) * PER_RANK],
+                          lambda: fsdp_no_sync(model))
+    state = dpcompile.privacy_state(net)
+    return {"params": params, "epsilon": dpcompile.privacy_spent(net, DELTA), "steps": state.steps,
+            "seed": state.seed, "bsr": bsr_buffers(state), "model": model, "sharded": type(net[0].weight).__name__}
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def bsr_buffers(state) -> list[torch.Tensor]:
     return [h for stream in state.bsr.state_dict()["streams"].values() for h in stream["history"]]
 
@@ -165,6 +192,10 @@ def worker(rank: int, store: str, out_dir: str) -> None:
         ddp = ddp_run(rank)
         result["refusals"] = refusals(rank, ddp.pop("model"))
         result["ddp"] = ddp
+        torch._dynamo.reset()
+        fsdp = fsdp_run(rank)
+        result["fsdp_refusals"] = fsdp_refusals(fsdp.pop("model"))
+        result["fsdp"] = fsdp
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -201,6 +232,32 @@ def refusals(rank: int, ddp_model) -> dict:
     expect("make_private_in_ddp", lambda: DDP(model)(x))
     expect("make_private_of_ddp", lambda: dpcompile.make_private(
         DDP(network()), opt, DataLoader(dataset(), batch_size=8), noise_multiplier=1.0))
+    return messages
+
+
+def fsdp_refusals(fsdp_model) -> dict:
+    """FSDP2 settings the noise-on-rank-0 algebra cannot serve."""
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = ddp_batches()[0]
+    x = x[:PER_RANK]
+    messages = {}
+
+    def expect(name, fn):
+        with pytest.raises(Exception) as info:
+            fn()
+        assert "dpcompile" in str(info.value), str(info.value)
+        messages[name] = str(info.value)
+
+    with fsdp_no_sync(fsdp_model):  # a releasing backward that FSDP would not reduce
+        expect("no_sync_release", lambda: fsdp_model(x))
+    torch._dynamo.reset()
+    expect("no_expected_batch_size", lambda: fully_shard(torch.compile(
+        network(), backend="dp", options={"noise_multiplier": 1.0, "seed": 1}))(x))
+    torch._dynamo.reset()
+    sharded = fully_shard(torch.compile(network(), backend="dp", options=dict(DDP_OPTIONS, seed=1)))
+    sharded.set_gradient_divide_factor(1.0)  # a sum over the ranks, not the average
+    expect("divide_factor", lambda: sharded(x))
     return messages
 
 
@@ -303,6 +360,21 @@ def test_two_ranks_equal_one_process_on_the_union_batch(tmp_path):
         for a, b in zip(got["params"], reference):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+    # fully_shard(torch.compile(model, backend="dp")): the same single-process result as DDP
+    for r in results:
+        got = r["fsdp"]
+        assert got["sharded"] == "DTensor"  # the parameters really were FSDP2 shards
+        assert got["seed"] == 3 and got["steps"] == DDP_STEPS
+        assert got["epsilon"] == ddp_epsilon
+        assert all(torch.equal(a, b) for a, b in zip(got["bsr"], ddp_buffers, strict=True))
+        for a, b in zip(got["params"], reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fsdp_messages = results[0]["fsdp_refusals"]
+    assert "gradient sync off" in fsdp_messages["no_sync_release"]
+    assert "expected_batch_size" in fsdp_messages["no_expected_batch_size"]
+    assert "divide factor" in fsdp_messages["divide_factor"]
+    assert results[1]["fsdp_refusals"].keys() == fsdp_messages.keys()
+
     messages = results[0]["refusals"]
     assert "outside the DDP wrapper" in messages["outside_ddp"]
     assert "no_sync" in messages["no_sync_release"]
@@ -326,13 +398,14 @@ def test_make_private_data_parallel_needs_a_process_group():
 
 
 def test_a_compiled_module_holding_fsdp_shards_is_refused():
-    """FSDP2's hooks run outside the compiled graphs and its parameters are DTensor shards, so
-    per-sample norms would miss them: the dp backend refuses any module it compiles that holds an
-    FSDP-managed submodule, naming it (run in a one-rank gloo group of its own process).
+    """An FSDP2 module *inside* the compiled model: its hooks run outside the compiled graphs and its
+    parameters are DTensor shards, so per-sample norms would miss them. The dp backend refuses any
+    module it compiles that holds one, naming it and pointing to fully_shard(torch.compile(...))
+    (run in a one-rank gloo group of its own process).
 
-    End to end, Dynamo (torch 2.13) compiles no graph at all for a forward that enters an FSDP2
-    module (its hooks are under torch._dynamo.disable), so the backend never runs: README lists
-    FSDP as unsupported and undetectable on that path."""
+    End to end, Dynamo (torch 2.13) often compiles no graph at all for a forward that enters an
+    FSDP2 module (its hooks are under torch._dynamo.disable), so the backend never runs: README
+    says that path is undetectable."""
     import subprocess
     import sys
 
@@ -355,4 +428,5 @@ def test_a_compiled_module_holding_fsdp_shards_is_refused():
     env = {**os.environ, "PORT": str(29700 + os.getpid() % 200)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "2 (FSDPLinear) is sharded by FSDP" in out.stdout and "Use DDP" in out.stdout, out.stdout
+    assert "2 (FSDPLinear) inside the compiled model is sharded by FSDP" in out.stdout, out.stdout
+    assert "fully_shard(torch.compile(model" in out.stdout, out.stdout

@@ -15,6 +15,7 @@ import functools
 import itertools
 import re
 import sys
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -49,7 +50,12 @@ _states_by_options: dict[int, PrivacyState] = {}
 def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                mode: str | None = None, **unused: Any):
     state = _state_for(options, example_inputs)
-    _guard_compiled_module(_traced_module())
+    wrapper = _compiling_wrapper()
+    if wrapper is not None:  # checked at each forward: FSDP2 may wrap it (dpcompile.distributed)
+        state.compiled_module = weakref.ref(wrapper)
+        _guard_compiled_module(wrapper._orig_mod)
+        if getattr(wrapper._orig_mod, STATE_ATTR, None) is not state:  # privacy_state(model) under FSDP2,
+            setattr(wrapper._orig_mod, STATE_ATTR, state)  # whose registered parameters are shards
     check_compile(state)  # under DDP: refuses Dynamo's DDPOptimizer (one graph per bucket) and make_private models
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and reason.graph_break:
@@ -109,32 +115,31 @@ def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacySt
     return state
 
 
-def _traced_module() -> torch.nn.Module | None:
-    """The module torch.compile wrapped: the innermost `OptimizedModule` on the Python stack
-    (Dynamo compiles a frame just before running it, so its callers are still on the stack).
-    None for a compiled function or a direct backend call."""
+def _compiling_wrapper() -> torch.nn.Module | None:
+    """The `OptimizedModule` torch.compile returned for the module being compiled: the innermost
+    one on the Python stack (Dynamo compiles a frame just before running it, so its callers are
+    still on the stack). None for a compiled function or a direct backend call."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, OptimizedModule):
-            return owner._orig_mod
+            return owner
         frame = frame.f_back
     return None
 
 
-def _guard_compiled_module(module: torch.nn.Module | None) -> None:
-    if module is None:
-        return
+def _guard_compiled_module(module: torch.nn.Module) -> None:
     sharded = next((f"{name or type(module).__name__} ({type(m).__name__})" for name, m in module.named_modules()
                     if type(m).__name__.startswith("FSDP")
                     or any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False))), None)
     if sharded is not None:
         raise DPCompileError(
-            f"dpcompile: {sharded} is sharded by FSDP (fully_shard / DTensor parameters), which the dp backend "
-            "does not support: FSDP's hooks run outside the compiled graphs, so per-sample norms would miss the "
-            "sharded parameters. Use DDP (see README, Distributed data parallel) or a single process.")
+            f"dpcompile: {sharded} inside the compiled model is sharded by FSDP (fully_shard / DTensor "
+            "parameters): FSDP's hooks run outside the compiled graphs, so per-sample norms would miss the "
+            "sharded parameters. Shard the compiled model as one unit instead: "
+            "fully_shard(torch.compile(model, backend='dp', options=...)), or use DDP.")
     guard_module(module)
 
 
