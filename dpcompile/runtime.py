@@ -62,7 +62,9 @@ class PrivateBackward:
             state.defer(ctx, outputs[n_grads], list(outputs[n_grads + 1:]))
         else:
             state.check_norms(outputs[n_grads])
-        return list(outputs[:n_grads])
+        grads = list(outputs[:n_grads])
+        state.record_gradients(ctx, grads)
+        return grads
 
     def _graph_inputs(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """The flat noise cut into the per-gradient views the compiled graph takes

@@ -7,7 +7,9 @@ draws bit-identical noise and reports the same ε.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import weakref
 from typing import Any
 
 import torch
@@ -21,6 +23,9 @@ STATE_ATTR = "_dpcompile_state"
 GUARD_ATTR = "_dpcompile_guarded"
 IN_GRAPH_ATTR = "_dpcompile_in_graph"  # an input of some dp-compiled graph: its gradient is clipped there
 NAME_ATTR = "_dpcompile_name"
+# compiled module -> its state, for privacy_state(model) under FSDP2 (whose registered parameters are
+# shards without STATE_ATTR). Weak and outside the module: copy.deepcopy(model) must not copy the state.
+_STATE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, PrivacyState]" = weakref.WeakKeyDictionary()
 
 
 class PrivacyState:
@@ -39,6 +44,7 @@ class PrivacyState:
         self._task: int | None = None
         self._runs_in_task: list[Any] = []  # CompileContext of each compiled backward run this pass
         self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
+        self.graph_gradients: dict[int, list[tuple[torch.Tensor, int]]] = {}  # id(param) -> (grad, version)
         self._zeros: dict[tuple, torch.Tensor] = {}
         self.bsr = self._make_correlated_noise(options)  # None unless noise_mechanism == "bsr"
         self.lsg = LSGProjector(options.lsg, options.seed) if options.lsg is not None else None
@@ -121,9 +127,17 @@ class PrivacyState:
     def enter_backward(self, ctx: Any) -> None:
         task = torch._C._current_graph_task_id()
         if task != self._task:
-            self._task, self._runs_in_task, self._pending = task, [], []
+            self._task, self._runs_in_task, self._pending, self.graph_gradients = task, [], [], {}
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         self._runs_in_task.append(ctx)
+
+    def record_gradients(self, ctx: Any, grads: list[Any]) -> None:
+        """What a graph's backward hands autograd for each parameter, checked as it reaches the
+        parameter (guard_parameters)."""
+        for position, param in ctx.params.items():
+            grad = grads[position]
+            if isinstance(grad, torch.Tensor):
+                self.graph_gradients.setdefault(id(param), []).append((grad, grad._version))
 
     def defer(self, ctx: Any, sq_norms: torch.Tensor, per_sample_grads: list[torch.Tensor]) -> None:
         """A graph-break graph's share of the step; clipped once the whole backward has run."""
@@ -131,7 +145,7 @@ class PrivacyState:
 
     def _finish_backward(self) -> None:
         runs, pending = self._runs_in_task, self._pending
-        self._task, self._runs_in_task, self._pending = None, [], []
+        self._task, self._runs_in_task, self._pending, self.graph_gradients = None, [], [], {}
         if len(runs) > 1 and not all(c.deferred for c in runs):
             for c in runs:
                 for p in c.params.values():
@@ -227,15 +241,23 @@ class PrivacyState:
 
 
 def guard_parameters(params) -> None:
-    """Fail closed when a parameter gets a gradient outside a dp-compiled backward.
+    """Fail closed when a parameter gets a gradient that is not exactly its dp graph's.
 
-    Calling the uncompiled module, or torch.compile falling back to eager (recompile limit,
-    suppressed errors), would otherwise put non-private gradients into ``p.grad``.
+    Checked as the gradient reaches the parameter (a tensor hook: after all of a backward's
+    contributions are summed, before they are accumulated into ``p.grad`` or returned by
+    ``torch.autograd.grad``). Refused: calling the uncompiled module, torch.compile falling back
+    to eager (recompile limit, suppressed errors), and code run eagerly outside the dp graphs
+    that uses the parameter, alone or on top of its clipped gradient (graph breaks,
+    ``torch._dynamo.disable``, a loss term that reads the parameter).
     """
     for p in params:
         if p.requires_grad and not getattr(p, GUARD_ATTR, False):
-            p.register_post_accumulate_grad_hook(_refuse_unclipped_gradient)
+            p.register_hook(functools.partial(_check_incoming_gradient, weakref.ref(p)))
             setattr(p, GUARD_ATTR, True)
+
+
+def attach_to_module(module: torch.nn.Module, state: PrivacyState) -> None:
+    _STATE_OF_MODULE[module] = state
 
 
 def guard_module(module: torch.nn.Module) -> None:
@@ -249,24 +271,39 @@ def guard_module(module: torch.nn.Module) -> None:
     guard_parameters(module.parameters())
 
 
-def _refuse_unclipped_gradient(param: torch.Tensor) -> None:
-    state = getattr(param, STATE_ATTR, None)
-    in_graph = getattr(param, IN_GRAPH_ATTR, False)
-    if in_graph and state is not None and torch._C._current_graph_task_id() == state._task:
+def _check_incoming_gradient(param_ref: weakref.ref, grad: torch.Tensor) -> None:
+    """The summed gradient reaching a parameter must be the very tensor its dp graph returned this
+    backward, unmodified: anything added to it came from outside the clipped graphs."""
+    if grad is None:  # a graph that writes the gradient itself (graph breaks: PrivacyState._release_deferred)
         return
-    param.grad = None
-    if not in_graph:
-        name = getattr(param, NAME_ATTR, f"of shape {tuple(param.shape)}")
+    param = param_ref()
+    state = getattr(param, STATE_ATTR, None)
+    if not getattr(param, IN_GRAPH_ATTR, False):
         raise DPCompileError(
-            f"dpcompile: parameter {name} received a gradient from code that torch.compile ran eagerly, outside "
-            "the dp-compiled graphs (a forward under torch._dynamo.disable, a call Dynamo cannot trace, an FSDP "
-            "hook), so no clip factor covers it; the gradient was discarded. Make that code traceable "
+            f"dpcompile: parameter {_name(param)} received a gradient from code that torch.compile ran eagerly, "
+            "outside the dp-compiled graphs (a forward under torch._dynamo.disable, a call Dynamo cannot trace, an "
+            "FSDP hook), so no clip factor covers it; the gradient was discarded. Make that code traceable "
             "(TORCH_LOGS=graph_breaks lists the breaks) or freeze the parameter (requires_grad=False).")
-    raise DPCompileError(
-        f"dpcompile: a parameter of shape {tuple(param.shape)} received a gradient from a backward pass that did "
-        "not run through its dp-compiled graph, so the gradient is neither clipped nor noised; it was discarded. "
-        "Call the compiled model (not the original module), and check that torch.compile did not fall back to "
-        "eager (torch._dynamo recompile limit, suppressed errors: see the log).")
+    if state is None or torch._C._current_graph_task_id() != state._task:
+        raise DPCompileError(
+            f"dpcompile: parameter {_name(param)} received a gradient from a backward pass that did not run through "
+            "its dp-compiled graph, so the gradient is neither clipped nor noised; it was discarded. Call the "
+            "compiled model (not the original module), and check that torch.compile did not fall back to eager "
+            "(torch._dynamo recompile limit, suppressed errors: see the log).")
+    released = state.graph_gradients.pop(id(param), [])
+    if len(released) > 1:
+        return  # several clipped graphs in one backward: refused as a whole when it ends (_finish_backward)
+    if not released or grad is not released[0][0] or grad._version != released[0][1]:
+        raise DPCompileError(
+            f"dpcompile: parameter {_name(param)} received, besides its clipped gradient, a gradient from code run "
+            "outside the dp-compiled graphs (eagerly between graph breaks, under torch._dynamo.disable, or a loss "
+            "term that reads the parameter outside the compiled model); that part is neither clipped nor noised, "
+            "so the gradient was discarded. Keep every use of the parameter inside the compiled model (for L2 "
+            "regularisation use the optimizer's weight_decay).")
+
+
+def _name(param: torch.Tensor) -> str:
+    return getattr(param, NAME_ATTR, None) or f"of shape {tuple(param.shape)}"
 
 
 def stream_seed(seed: int, step: int, stream: str) -> int:
@@ -275,9 +312,9 @@ def stream_seed(seed: int, step: int, stream: str) -> int:
 
 
 def state_of(model: torch.nn.Module) -> PrivacyState:
-    state = getattr(model, STATE_ATTR, None)  # set on the compiled module (OptimizedModule forwards it)
-    if isinstance(state, PrivacyState):
-        return state
+    for module in (model, getattr(model, "_orig_mod", None)):  # torch.compile's wrapper or the module
+        if module in _STATE_OF_MODULE:
+            return _STATE_OF_MODULE[module]
     for p in model.parameters():
         state = getattr(p, STATE_ATTR, None)
         if state is not None:

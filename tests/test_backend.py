@@ -4,11 +4,13 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import dpcompile
+from dpcompile import DPCompileError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +32,25 @@ def test_variable_batch_sizes_compile_at_most_twice():
     assert len(state.compiled) == 2
     assert state.compiled[1].batch_size.free_symbols  # the second compile is symbolic in B
     assert state.steps == 7
+
+
+def test_a_trained_private_model_deep_copies_without_its_privacy_state():
+    """EMA and evaluation copies: copy.deepcopy works after training (the state holds compiled graphs
+    and fake tensors that cannot be copied), and the copy does not claim the original's privacy."""
+    import copy
+
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    model = torch.compile(net, backend="dp", options={"noise_multiplier": 1.0, "sample_rate": 0.01})
+    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    for original in (net, model):
+        twin = copy.deepcopy(original)
+        with pytest.raises(DPCompileError, match="no privacy state"):
+            dpcompile.privacy_state(twin)
+        copied = getattr(twin, "_orig_mod", twin)
+        assert copied is not net
+        torch.testing.assert_close(copied(torch.ones(2, 6)), net(torch.ones(2, 6)))
+    assert dpcompile.privacy_state(model) is dpcompile.privacy_state(net)
+    assert dpcompile.privacy_state(net).steps == 1
 
 
 def _record_compiles(monkeypatch, record=lambda gm, example_inputs: (gm, list(example_inputs))) -> list:

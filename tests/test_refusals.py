@@ -286,6 +286,61 @@ def test_make_private_refuses_a_parameter_used_outside_the_dp_graphs():
     assert net.mid.fc.weight.grad is None and net.mid.fc.bias.grad is None
 
 
+class TiedEagerHead(nn.Module):
+    """A tied embedding used in a dp graph and again, as the output head, in eager code."""
+
+    def __init__(self, graph_break=False):
+        super().__init__()
+        self.emb, self.mix = nn.Embedding(7, 5), nn.Linear(5, 5)
+        self.graph_break = graph_break
+
+    @torch._dynamo.disable
+    def head(self, h):
+        return h @ self.emb.weight.t()
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        if self.graph_break:  # the clipped gradients are written after the backward (deferred path)
+            torch._dynamo.graph_break()
+            h = self.mix(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("graph_break", [False, True], ids=["one_graph", "graph_break"])
+def test_a_parameter_used_both_in_a_dp_graph_and_eagerly_is_refused_by_name(graph_break):
+    """The eager use adds an unclipped gradient on top of the clipped one: the sum reaching the
+    parameter is no longer what its dp graph returned. Refused, the step's gradient not accumulated."""
+    torch._dynamo.reset()
+    net = TiedEagerHead(graph_break)
+    with pytest.raises(DPCompileError, match=r"TiedEagerHead\.emb\.weight received, besides its clipped gradient"):
+        run_private(net, torch.randint(0, 7, (6, 3)))
+    assert net.emb.weight.grad is None
+    torch._dynamo.reset()
+
+
+def test_a_loss_term_reading_a_parameter_outside_the_compiled_model_is_refused():
+    """An L2 penalty (or a head applied outside the model) differentiates the parameter eagerly."""
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    compiled = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})
+    x = torch.randn(5, 4)
+    compiled(x).pow(2).mean().backward()  # private alone: accepted
+    net.zero_grad(set_to_none=True)
+    with pytest.raises(DPCompileError, match=r"Sequential\.0\.weight received, besides.*weight_decay"):
+        (compiled(x).pow(2).mean() + 1e-3 * net[0].weight.pow(2).sum()).backward()
+    assert net[0].weight.grad is None
+
+
+def test_autograd_grad_through_the_uncompiled_module_is_refused():
+    """torch.autograd.grad accumulates nothing into p.grad, but hands the gradient back all the same."""
+    net = nn.Linear(4, 2)
+    compiled = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})
+    (grad_w,) = torch.autograd.grad(compiled(torch.randn(3, 4)).sum(), [net.weight])  # through the dp graph
+    assert grad_w.shape == net.weight.shape
+    with pytest.raises(DPCompileError, match="did not run through its dp-compiled graph"):
+        torch.autograd.grad(net(torch.randn(3, 4)).sum(), [net.weight])
+
+
 class TokenMeanLoss(nn.Module):
     """A sequence model that returns its own loss, averaged over all tokens of the batch."""
 

@@ -31,7 +31,8 @@ from ..errors import DPCompileError
 from ..options import DPOptions
 from ..passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
 from ..passes.base import HOOKS, CompileContext, node_shape, to_expr
-from ..state import IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, guard_module, guard_parameters
+from ..state import (IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, attach_to_module, guard_module,
+                     guard_parameters)
 from ..runtime import OwnParametersOnly, PrivateBackward
 
 aten = torch.ops.aten
@@ -54,8 +55,7 @@ def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict 
     if wrapper is not None:  # checked at each forward: FSDP2 may wrap it (dpcompile.distributed)
         state.compiled_module = weakref.ref(wrapper)
         _guard_compiled_module(wrapper._orig_mod)
-        if getattr(wrapper._orig_mod, STATE_ATTR, None) is not state:  # privacy_state(model) under FSDP2,
-            setattr(wrapper._orig_mod, STATE_ATTR, state)  # whose registered parameters are shards
+        attach_to_module(wrapper._orig_mod, state)  # privacy_state(model) under FSDP2 (parameters are shards)
     check_compile(state)  # under DDP: refuses Dynamo's DDPOptimizer (one graph per bucket) and make_private models
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and reason.graph_break:
