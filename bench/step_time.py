@@ -155,6 +155,7 @@ def bench_dpcompile(args, strategy, budget_mb=None):
             "check_finite": False, "mode": args.compile_mode}
     if budget_mb is not None:
         opts["memory_budget_mb"] = budget_mb
+    opts.update(json.loads(args.dp_options or "{}"))
     model = torch.compile(net, backend="dp", options=opts)
     return runner(model, args, torch.optim.SGD(net.parameters(), lr=1e-4))
 
@@ -196,6 +197,21 @@ def print_top_kernels(mode: str, step, args, top: int = 30) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70), flush=True)
 
 
+def print_compile_phases(mode: str) -> None:
+    """This mode's first step by compiler phase (Dynamo's timers, seconds summed over graphs; the
+    per-pass lines left out) and Inductor's kernel counts, then reset for the next mode."""
+    from torch._dynamo import utils
+    from torch._inductor import metrics
+
+    print(f"--- {mode}: first-step compile phases (s); kernels generated {metrics.generated_kernel_count}, "
+          f"IR nodes before fusion {metrics.ir_nodes_pre_fusion}")
+    for name, seconds in utils.compilation_time_metrics.items():
+        if not name.startswith("pass."):
+            print(f"{name:60s} {sum(seconds):8.2f}")
+    utils.compilation_time_metrics.clear()
+    metrics.reset()
+
+
 def warm_compiler(device: str, dp: bool) -> None:
     """Compile a tiny forward + backward first, with Inductor and (for dp modes) the dp backend:
     one-time start-up (imports, compile workers, first traces, lookup tables) would otherwise
@@ -207,6 +223,8 @@ def warm_compiler(device: str, dp: bool) -> None:
         torch.compile(layer, **kwargs)(torch.randn(4, 8, device=device)).sum().backward()
         sync(device)
         torch._dynamo.reset()
+    torch._dynamo.utils.compilation_time_metrics.clear()
+    torch._inductor.metrics.reset()
 
 
 def cudagraph_skips() -> dict:
@@ -233,8 +251,11 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--memory-budget-mb", type=float, default=None, help="dp-auto's budget (default: the backend's)")
     p.add_argument("--modes", default="eager,compile,dp-auto,dp-ghost,dp-instantiate,opacus-hooks")
+    p.add_argument("--dp-options", help='JSON merged into every dp mode\'s options, e.g. \'{"inductor": {...}}\'')
     p.add_argument("--out")
     p.add_argument("--profile", action="store_true", help="print the top kernels of each mode (torch.profiler)")
+    p.add_argument("--compile-times", action="store_true",
+                   help="print each compiled mode's first-step time by compiler phase (Dynamo's timers)")
     p.add_argument("--compile-mode", default=None,
                    help='torch.compile mode of the compiled modes, e.g. "reduce-overhead" (CUDA graphs)')
     p.add_argument("--combo-kernels", action="store_true",
@@ -268,6 +289,8 @@ def main():
             step()  # compile
             sync(args.device)
             compile_s = time.perf_counter() - t0
+            if args.compile_times:
+                print_compile_phases(mode)
             ms, peak = time_steps(step, args)
             if args.profile:
                 print_top_kernels(mode, step, args)

@@ -3,8 +3,10 @@ of bench/step_time.py put the crossover between ghost norms and instantiation.""
 import pytest
 
 from dpcompile import cost_model
+from dpcompile.options import DPOptions
 
-BF16, BUDGET = 2, 1024 * 2**20
+BF16, FP32, BUDGET = 2, 4, 1024 * 2**20
+DEFAULT_BUDGET = DPOptions().memory_budget_mb * 2**20
 
 
 @pytest.mark.parametrize("rows,batch,want", [(256, 32, "ghost"), (1024, 8, "instantiate")])
@@ -36,3 +38,20 @@ def test_an_lm_head_at_short_sequences_keeps_ghost_norms():
     costs = cost_model.linear(256, 50257, 768, BF16)
     assert costs["ghost"].time(32) < costs["instantiate"].time(32)
     assert cost_model.choose(costs, 32, "auto", 4 * BUDGET) == "ghost"
+
+
+def test_the_default_budget_instantiates_an_fp32_lm_head_at_long_sequences():
+    """768→50257 at T=1024, B=8 in fp32: 1178 MiB of per-sample gradients. A 1024 MiB default forced
+    ghost norms there (H200, 2026-12-02: 64.5 against 59.1 ms/step instantiated, same peak memory)."""
+    costs = cost_model.linear(1024, 768, 50257, FP32)
+    assert BUDGET < costs["instantiate"].at(8)[1] <= DEFAULT_BUDGET
+    assert cost_model.choose(costs, 8, "auto", DEFAULT_BUDGET) == "instantiate"
+
+
+@pytest.mark.parametrize("rows,batch,element_bytes", [(1024, 8, BF16), (256, 32, BF16), (256, 32, FP32)])
+def test_the_default_budget_still_refuses_an_lm_head_of_several_gib(rows, batch, element_bytes):
+    """Short sequences with large batches: the head's per-sample gradients are ≥ 2.3 GiB."""
+    costs = cost_model.linear(rows, 768, 50257, element_bytes)
+    fits = costs["instantiate"].at(batch)[1] <= DEFAULT_BUDGET
+    assert fits == (rows == 1024)  # T=1024 B=8 bf16: 589 MiB, instantiated under either default
+    assert cost_model.choose(costs, batch, "auto", DEFAULT_BUDGET) == ("instantiate" if fits else "ghost")
