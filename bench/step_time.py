@@ -10,6 +10,9 @@ The first step (compilation) is timed too, after a warm-up compile of a tiny mod
 first mode does not pay the compiler's start-up); set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 so
 that every mode compiles from scratch.
 
+--compile-times splits each mode's first step by compiler phase; --dp-options passes JSON options
+(e.g. '{"inductor": {"unroll_reductions_threshold": 8}}') to the dp modes only.
+
 Prints one row per mode (ms/step, tokens/s, peak GiB, ratio to non-private compile) and
 writes the table as JSON to --out if given.
 """
