@@ -211,8 +211,13 @@ def print_compile_phases(mode: str) -> None:
     for name, seconds in utils.compilation_time_metrics.items():
         if not name.startswith("pass."):
             print(f"{name:60s} {sum(seconds):8.2f}")
-    utils.compilation_time_metrics.clear()
-    metrics.reset()
+    reset_compile_counters()
+
+
+def reset_compile_counters() -> None:
+    """Dynamo's phase timers and Inductor's kernel counts accumulate over a process: zero them."""
+    torch._dynamo.utils.compilation_time_metrics.clear()
+    torch._inductor.metrics.reset()
 
 
 def warm_compiler(device: str, dp: bool) -> None:
@@ -226,8 +231,7 @@ def warm_compiler(device: str, dp: bool) -> None:
         torch.compile(layer, **kwargs)(torch.randn(4, 8, device=device)).sum().backward()
         sync(device)
         torch._dynamo.reset()
-    torch._dynamo.utils.compilation_time_metrics.clear()
-    torch._inductor.metrics.reset()
+    reset_compile_counters()
 
 
 def cudagraph_skips() -> dict:

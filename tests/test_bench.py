@@ -12,7 +12,7 @@ TINY = ["--device", "cpu", "--dtype", "fp32", "--layers", "1", "--seq", "16", "-
 def _bench(tmp_path, *args):
     out = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "step_time.py"), *TINY, *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
 
