@@ -111,6 +111,9 @@ class DPOptions:
         (batches per epoch of fixed-order cyclic batches).
     bsr_max_participations: k, a promise that no example takes part in more than k steps
         (default: ⌈steps/b⌉, always true under b-min-separation).
+    triton_kernels: on CUDA, compute each instantiated gradient's Σ_b w_b g_b + noise with
+        dpcompile's Triton kernel (`dpcompile.kernels`) instead of an Inductor reduction
+        (False: the reduction; for comparisons).
     mode: a torch.compile mode for Inductor ("reduce-overhead": CUDA graphs, "max-autotune", ...);
         torch.compile refuses mode= together with options=, so the dp backend takes it here.
     inductor: Inductor config patches for the compiled graphs, e.g. {"combo_kernels": True};
@@ -138,6 +141,7 @@ class DPOptions:
     bsr_coefficients: tuple[float, ...] | None = None
     bsr_min_separation: int | None = None
     bsr_max_participations: int | None = None
+    triton_kernels: bool = True
     mode: str | None = None
     inductor: tuple[tuple[str, Any], ...] = ()
 
@@ -183,6 +187,7 @@ class DPOptions:
         need(_is_number(self.memory_budget_mb) and self.memory_budget_mb >= 0,
              f"memory_budget_mb must be a number >= 0, got {self.memory_budget_mb!r}")
         need(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        need(isinstance(self.triton_kernels, bool), f"triton_kernels must be True or False, got {self.triton_kernels!r}")
         need(self.accountant in ACCOUNTANTS,
              f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         self._validate_noise_mechanism()

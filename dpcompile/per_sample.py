@@ -11,6 +11,8 @@ import torch
 import torch.fx as fx
 from torch.func import vmap
 
+from . import kernels
+
 
 def batch_front(x: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
     """(..., outer*B*inner, ...) -> (B, ..., outer*inner, ...): one slice per sample, same rank."""
@@ -246,13 +248,23 @@ def unpack(flat: torch.Tensor, start: int, shape: list, dtype: torch.dtype) -> t
     return flat.narrow(0, start, torch.Size(shape).numel()).view(shape).to(dtype)
 
 
-def weighted_sum(weights: torch.Tensor, per_sample: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def weighted_sum(weights: torch.Tensor, per_sample: torch.Tensor, dtype: torch.dtype | None = None,
+                 noise: torch.Tensor | None = None, offset: int = 0, std: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_b w_b x_b in float32, returned as `dtype` (default x's); memory-rich path: no second GEMM.
 
-    Written as a reduction, not a matmul, so Inductor fuses it with the noise addition that
-    follows (one kernel per parameter instead of a GEMV and an elementwise pass)."""
+    With `noise`: Σ_b w_b x_b + std · noise[offset : offset + numel], the privatized gradient in
+    one pass (`privatize` of the sum, with a single rounding to `dtype`). On CUDA, while the
+    backward is re-traced, one hand-written Triton kernel (`dpcompile.kernels`); elsewhere a
+    reduction that Inductor fuses with the noise addition."""
+    dtype = dtype or per_sample.dtype
+    z = None if noise is None else noise.narrow(0, offset, per_sample[0].numel())
+    if kernels.enabled(per_sample):
+        return kernels.weighted_sum(weights, per_sample, dtype, z, std)
     w = weights.view([-1] + [1] * (per_sample.dim() - 1))
-    return (w * per_sample.float()).sum(0).to(dtype or per_sample.dtype)
+    summed = (w * per_sample.float()).sum(0)
+    if z is not None:
+        summed = summed + std * z.view(summed.shape)
+    return summed.to(dtype)
 
 
 def clip_weights(total_sq: torch.Tensor, max_grad_norm: float, scale_mode: str, clipping: str,

@@ -67,15 +67,17 @@ def test_snapshots_chain_and_the_diff_is_what_each_pass_changed(mlp_report):
     assert [r.split(" = ")[1] for r in diff["book_keeping"].removed].count("aten.mm") == 3
     noise_ops = [a.split(" = ")[1] for a in diff["noise"].added]
     assert len(mlp_report.table()) == 6  # three weights noised one by one, the three biases packed: one more
-    assert noise_ops.count("per_sample.privatize") == len(ghost) + 1
+    assert noise_ops.count("per_sample.privatize") == len(ghost)  # the ghost weights' re-weighted GEMMs
+    assert noise_ops.count("per_sample.weighted_sum") == 1  # the biases' packed sum takes its noise itself
     assert {"dp_noise = placeholder", "dp_scalars = placeholder"} <= set(diff["noise"].added)
     assert "+ %clip_weights = per_sample.clip_weights(%total_sq_norm, 1.0, 'mean', 'flat'" in \
         mlp_report.graph("book_keeping").text(backward[4].added)
 
 
 def test_graph_analysis_noise_comes_after_clipping_on_every_gradient(mlp_report):
-    """networkx view of the final graph: every gradient output goes through privatize, which
-    reads the clip weights, which read every layer's per-sample norm."""
+    """networkx view of the final graph: every gradient output goes through a noising node
+    (privatize, or a weighted sum given the noise), which reads the clip weights, which read
+    every layer's per-sample norm."""
     final = mlp_report.graph("noise", "after")
     g = final.to_networkx()
     assert nx.is_directed_acyclic_graph(g)
@@ -87,8 +89,9 @@ def test_graph_analysis_noise_comes_after_clipping_on_every_gradient(mlp_report)
     assert len(node[packed].inputs) == 3 and any(packed in nx.ancestors(g, n) for n in norms)
     grads = list(node["output"].inputs)[:-1]  # the last output holds the sample norms
     assert len(grads) == 6
-    for grad in grads:  # every gradient is (a view of) a privatize output that reads the clip weights and noise
-        noised = [a for a in nx.ancestors(g, grad) | {grad} if node[a].target == "per_sample.privatize"]
+    noising = ("per_sample.privatize", "per_sample.weighted_sum")  # only noised weighted sums are left
+    for grad in grads:  # every gradient is (a view of) a noising output that reads the clip weights and noise
+        noised = [a for a in nx.ancestors(g, grad) | {grad} if node[a].target in noising]
         assert noised and all(clip in nx.ancestors(g, r) and "dp_noise" in nx.ancestors(g, r) for r in noised)
 
 

@@ -26,6 +26,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .. import kernels
 from ..distributed import check_compile
 from ..errors import DPCompileError
 from ..options import DPOptions
@@ -45,7 +46,9 @@ KEPT_BACKWARD_OPS = (aten.embedding_dense_backward, aten.native_layer_norm_backw
 KEPT_MATMULS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
 _graph_ids = itertools.count()
 _instances = itertools.count()
-_states_by_options: dict[int, PrivacyState] = {}
+# id(options dict) -> its state. Weak: the model's parameters hold their state (STATE_ATTR), so a
+# state lives as long as its model; a strong table kept every private model of a process alive.
+_states_by_options: "weakref.WeakValueDictionary[int, PrivacyState]" = weakref.WeakValueDictionary()
 
 
 def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
@@ -227,14 +230,12 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: Co
     return PrivateBackward(compiled, state, ctx)
 
 
-# Σ_b w_b G_b reduces over a short batch dim of long rows. With a static batch size Inductor
-# emits a persistent reduction that reached ~1 TB/s on an H200 (8 × 38.6M bf16: 732 µs);
-# unrolled into a pointwise kernel it took 214 µs. Inductor unrolls reductions shorter than
-# `unroll_reductions_threshold` (8), so B = 8 needs the patch. The unrolled kernels' codegen
-# grows with B: on the ViT at B = 64 the first step took 155 s instead of 41 s (step time within
-# noise), and the LM at B = 32 gained nothing; so batches up to 16 are unrolled. Symbolic batch
-# sizes (Poisson) keep the looped reduction. GPU only: Inductor's C++ backend spent minutes
-# choosing tilings for the unrolled kernels.
+# Inductor unrolls reductions over fewer than `unroll_reductions_threshold` (8) elements into
+# pointwise code. The batch sums Σ_b w_b g_b were its main target (now `dpcompile.kernels` on
+# CUDA); with the kernel in place, keeping the threshold at 17 still paid on an H200 (2026-12-02,
+# GPT-2 bf16 B=8 T=1024): lean plan 25.4 ms a step against 32.6 ms without it, auto plan 24.8
+# against 25.1 ms, first step 1.00-1.26x Inductor's. GPU graphs only: Inductor's C++ backend
+# spent minutes choosing tilings for unrolled kernels.
 UNROLL_BATCH_BELOW = 17
 
 
@@ -294,7 +295,7 @@ def _decompose(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileCo
                  for name, shape in ctx.runtime_inputs.items()]
     inputs = list(example_inputs) + extra
     interpreter = fx.Interpreter(gm)
-    with fake_mode:
+    with fake_mode, kernels.use_triton(ctx.options.triton_kernels):
         decomposed = make_fx(interpreter.run, decomposition_table=retrace_decompositions())(*inputs)
     return decomposed, inputs
 

@@ -59,13 +59,13 @@ def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
     expanders = ctx.plan.get("lsg_expand", {})
     with graph.inserting_before(out_node):
         for position, clipped in sorted(ctx.plan["clipped"].items()):
-            noisy = graph.call_function(per_sample.privatize, (clipped, noise, offset, std))
+            noisy = _privatized(graph, clipped, noise, offset, std)
             outputs[position] = expanders[position](noisy) if position in expanders else noisy
             sizes[position] = (offset, numels[position])
             offset += numels[position]
         for summed, members in ctx.plan.get("packs", []):  # small gradients: one flat sum, noised once
             with graph.inserting_after(summed):
-                noisy = graph.call_function(per_sample.privatize, (summed, noise, offset, std))
+                noisy = _privatized(graph, summed, noise, offset, std)
             summed.replace_all_uses_with(noisy, delete_user_cb=lambda user: user is not noisy)
             for position, start, numel, _ in members:
                 sizes[position] = (offset + start, numel)
@@ -79,3 +79,14 @@ def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
     kind = "BSR-correlated noise (C⁻¹Z)_t" if ctx.options.noise_mechanism == "bsr" else "Gaussian noise"
     return [f"{kind} over {offset} gradient coordinates; std σ·R = "
             f"{ctx.options.noise_multiplier * ctx.options.max_grad_norm:g} (runtime input)"]
+
+
+def _privatized(graph: fx.Graph, clipped: fx.Node, noise: fx.Node, offset: int, std: fx.Node) -> fx.Node:
+    """clipped + std·z of its noise slice. A clipped sum that is a weighted sum itself takes the
+    noise in the same node (one pass over the per-sample values, `per_sample.weighted_sum`);
+    the unnoised one is left for dead-code elimination."""
+    if clipped.target is per_sample.weighted_sum:
+        weights, values, *dtype = clipped.args
+        return graph.call_function(per_sample.weighted_sum,
+                                   (weights, values, dtype[0] if dtype else None, noise, offset, std))
+    return graph.call_function(per_sample.privatize, (clipped, noise, offset, std))
