@@ -10,8 +10,9 @@ The first step (compilation) is timed too, after a warm-up compile of a tiny mod
 first mode does not pay the compiler's start-up); set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 so
 that every mode compiles from scratch.
 
---compile-times splits each mode's first step by compiler phase; --dp-options passes JSON options
-(e.g. '{"inductor": {"unroll_reductions_threshold": 8}}') to the dp modes only.
+--compile-times splits each mode's first step by compiler phase; --profile-compile DIR writes a
+cProfile of it; --dp-options passes JSON options (e.g. '{"triton_kernels": false}') to the dp
+modes only. bench/gpu_suite.sh runs the README's row groups and the GPU tests in one go.
 
 Prints one row per mode (ms/step, tokens/s, peak GiB, ratio to non-private compile) and
 writes the table as JSON to --out if given.
@@ -20,7 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import gc
+import io
 import json
+import os
+import pstats
 import time
 
 import torch
@@ -107,10 +113,13 @@ def loss_of(logits, target):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
 
 
-def time_steps(step, args) -> tuple[float, float]:
+def time_steps(step, args) -> tuple[float, float, float]:
+    """(ms per step, peak GiB during the timed steps, GiB allocated when they start: the model,
+    its optimizer state and anything an earlier mode failed to free)."""
     for _ in range(args.warmup):
         step()
     sync(args.device)
+    resident = torch.cuda.memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -119,7 +128,7 @@ def time_steps(step, args) -> tuple[float, float]:
     sync(args.device)
     ms = (time.perf_counter() - start) / args.steps * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
-    return ms, peak
+    return ms, peak, resident
 
 
 def sync(device):
@@ -214,6 +223,29 @@ def print_compile_phases(mode: str) -> None:
     reset_compile_counters()
 
 
+@contextlib.contextmanager
+def profiled(mode: str, folder: str | None):
+    """cProfile of a mode's first step, written to folder/<mode>.pstats and, as the 60 entries with the
+    most cumulative time, folder/<mode>.txt (Python time roughly doubles under the profiler)."""
+    if folder is None:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        profile.dump_stats(os.path.join(folder, f"{mode}.pstats"))
+        text = io.StringIO()
+        stats = pstats.Stats(profile, stream=text).sort_stats("cumulative")
+        stats.print_stats(60)
+        stats.sort_stats("tottime").print_stats(30)
+        with open(os.path.join(folder, f"{mode}.txt"), "w") as f:
+            f.write(text.getvalue())
+
+
 def reset_compile_counters() -> None:
     """Dynamo's phase timers and Inductor's kernel counts accumulate over a process: zero them."""
     torch._dynamo.utils.compilation_time_metrics.clear()
@@ -263,6 +295,8 @@ def main():
     p.add_argument("--profile", action="store_true", help="print the top kernels of each mode (torch.profiler)")
     p.add_argument("--compile-times", action="store_true",
                    help="print each compiled mode's first-step time by compiler phase (Dynamo's timers)")
+    p.add_argument("--profile-compile", metavar="DIR",
+                   help="cProfile each mode's first step into DIR/<mode>.pstats and DIR/<mode>.txt")
     p.add_argument("--compile-mode", default=None,
                    help='torch.compile mode of the compiled modes, e.g. "reduce-overhead" (CUDA graphs)')
     p.add_argument("--combo-kernels", action="store_true",
@@ -287,22 +321,25 @@ def main():
     warm_compiler(args.device, dp=any(m.startswith("dp") for m in args.modes.split(",")))
     rows = []
     for mode in args.modes.split(","):
+        step = None  # the last mode's model, gradients and graphs: freed before this one's peak is taken
         torch._dynamo.reset()
+        gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
         try:
-            t0 = time.perf_counter()
-            step = builders[mode]()
-            step()  # compile
-            sync(args.device)
-            compile_s = time.perf_counter() - t0
+            with profiled(mode, args.profile_compile):
+                t0 = time.perf_counter()
+                step = builders[mode]()
+                step()  # compile
+                sync(args.device)
+                compile_s = time.perf_counter() - t0
             if args.compile_times:
                 print_compile_phases(mode)
-            ms, peak = time_steps(step, args)
+            ms, peak, resident = time_steps(step, args)
             if args.profile:
                 print_top_kernels(mode, step, args)
             rows.append({"mode": mode, "ms": ms, "items_per_s": items / ms * 1e3,
-                         "peak_gib": peak, "first_step_s": compile_s, **cudagraph_skips()})
+                         "peak_gib": peak, "resident_gib": resident, "first_step_s": compile_s, **cudagraph_skips()})
         except Exception as e:  # report and continue: one failing engine must not hide the others
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(json.dumps(rows[-1]), flush=True)

@@ -18,10 +18,13 @@ def _bench(tmp_path, *args):
 
 
 def test_bench_runs_both_compilers_and_splits_their_first_step_by_phase(tmp_path):
-    stdout, rows = _bench(tmp_path, "--modes", "compile,dp-auto", "--compile-times")
+    stdout, rows = _bench(tmp_path, "--modes", "compile,dp-auto", "--compile-times",
+                          "--profile-compile", str(tmp_path / "profiles"))
     for mode in ("compile", "dp-auto"):
         assert rows[mode]["ms"] > 0 and rows[mode]["first_step_s"] > 0, rows[mode]
         assert f"--- {mode}: first-step compile phases" in stdout
+        assert (tmp_path / "profiles" / f"{mode}.pstats").stat().st_size > 0
+        assert "cumulative" in (tmp_path / "profiles" / f"{mode}.txt").read_text()
     assert "bw_compiler" in stdout.split("--- dp-auto")[1]  # the dp backward was compiled and timed
 
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU checks and the speed table of README's "Speed" section, in one go (one GPU, torch >= 2.11
+# with Triton already installed): CUDA kernel and oracle tests, then the bench row groups, each in
+# one process with caches off. Logs and JSON go to ${OUT:-bench_out}/. Usage:
+#   bash bench/gpu_suite.sh [tests|lm|fp32|short|vit ...]     (default: all of them, in that order)
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-bench_out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_FORCE_DISABLE_CACHES=1
+bench() { name=$1; shift; timeout 280 python3 bench/step_time.py --out "$out/$name.json" "$@" > "$out/$name.log" 2>&1
+          echo "== $name (rc $?)"; grep -A8 "^mode " "$out/$name.log"; }
+for part in ${@:-tests lm fp32 short vit}; do
+  case $part in
+    tests) DPCOMPILE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/test_kernels.py tests/test_clipping_oracle.py \
+             -k "kernel or cnn-instantiate or gpt_untied-instantiate or gpt_tied-auto or several_leading_dims or bf16 or (poisson and gpt_untied) or sliced_back" \
+             > "$out/tests.log" 2>&1; echo "== tests (rc $?)"; tail -4 "$out/tests.log" ;;
+    lm) bench lm --steps 10 --warmup 3 --batch 8 --seq 1024 --dtype bf16 --compile-times --modes compile,dp-auto,dp-lean ;;
+    fp32) bench fp32 --steps 10 --warmup 3 --batch 8 --seq 1024 --dtype fp32 --compile-times --modes compile,dp-auto,dp-lean ;;
+    short) bench short --steps 10 --warmup 3 --batch 32 --seq 256 --dtype bf16 --compile-times --modes compile,dp-auto ;;
+    vit) bench vit --steps 10 --warmup 3 --model vit --width 384 --batch 64 --dtype bf16 --compile-times --modes compile,dp-auto ;;
+  esac
+done
