@@ -257,7 +257,7 @@ def weighted_sum(weights: torch.Tensor, per_sample: torch.Tensor, dtype: torch.d
     backward is re-traced, one hand-written Triton kernel (`dpcompile.kernels`); elsewhere a
     reduction that Inductor fuses with the noise addition."""
     dtype = dtype or per_sample.dtype
-    z = None if noise is None else noise.narrow(0, offset, per_sample[0].numel())
+    z = None if noise is None else noise.narrow(0, offset, per_sample.shape[1:].numel())
     if kernels.enabled(per_sample):
         return kernels.weighted_sum(weights, per_sample, dtype, z, std)
     w = weights.view([-1] + [1] * (per_sample.dim() - 1))

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
 from dpcompile import kernels, per_sample
 from models import TinyGPT, batch_loss
