@@ -29,6 +29,10 @@ Two methods are offered:
 * ``"rdp"``: Rényi DP with conversion to (epsilon, delta). Faster, always an upper
   bound, but looser than PLD (a few percent without subsampling; 10-30 % for typical
   DP-SGD settings and several-fold for small epsilon).
+
+A run with a segment of noise multiplier below ``MIN_ACCOUNTED_NOISE_MULTIPLIER`` (1e-6)
+has epsilon = inf: one such step alone has epsilon > 10^11, and dp_accounting's double
+arithmetic is not trusted there (it fails or under-reports as sigma^2 underflows).
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ if TYPE_CHECKING:
     import dp_accounting
 
 
-__all__ = ["MECHANISMS", "PrivacyAccountant", "epsilon", "calibrate_noise_multiplier"]
+__all__ = ["MECHANISMS", "MIN_ACCOUNTED_NOISE_MULTIPLIER", "PrivacyAccountant", "epsilon",
+           "calibrate_noise_multiplier"]
 
 MECHANISMS = ("pld", "rdp")
 
@@ -71,6 +76,16 @@ _PLD_ABS_TOL = 1e-6  # epsilon differences below this are noise, whatever epsilo
 # epsilon there is no meaningful guarantee left to be tight about, so "pld" returns the
 # cheap RDP value there instead: still a valid upper bound, a few percent looser.
 _PLD_MAX_EPSILON = 500.0
+
+# Below this noise multiplier no epsilon is computed: `_epsilon` returns math.inf. A single
+# Gaussian step of multiplier sigma has privacy loss N(mu, 2 mu) with mu = 1/(2 sigma^2), so
+# at sigma < 1e-6 one step alone gives epsilon > 10^11 whatever delta, and Poisson
+# subsampling at rate q lowers that by at most ln(1/q) <= 745 (the smallest double) -- there
+# is no guarantee left to report, and inf is a valid (vacuous) upper bound. Not asking
+# dp_accounting there matters: its double arithmetic breaks down at tiny sigma (sigma^2
+# underflows near 1e-154: ZeroDivisionError, OverflowError, or, for the RDP of subsampled
+# steps at sigma ~ 1e-155, a silently returned epsilon of 0.0).
+MIN_ACCOUNTED_NOISE_MULTIPLIER = 1e-6
 
 # Bracket limits for calibration.
 _MAX_NOISE_MULTIPLIER = 1e6
@@ -269,13 +284,29 @@ def _pld_epsilon(event: dp_accounting.DpEvent, delta: float, interval: float) ->
 
 @functools.lru_cache(maxsize=512)
 def _epsilon(history: tuple[Segment, ...], delta: float, mechanism: str) -> float:
+    """Epsilon of the composed history; math.inf where no finite bound can be trusted.
+
+    inf is returned for a segment with sigma < MIN_ACCOUNTED_NOISE_MULTIPLIER (see there),
+    and whenever dp_accounting fails numerically (ZeroDivisionError, OverflowError) or gives
+    NaN: inf is always a valid upper bound, a wrong finite number never is.
+    """
+    if any(sigma < MIN_ACCOUNTED_NOISE_MULTIPLIER for sigma, _, n in history if n > 0):
+        return math.inf
+    try:
+        eps = _epsilon_of_event(history, delta, mechanism)
+    except (ZeroDivisionError, OverflowError, FloatingPointError):
+        return math.inf
+    return math.inf if math.isnan(eps) else eps
+
+
+def _epsilon_of_event(history: tuple[Segment, ...], delta: float, mechanism: str) -> float:
     event = _dp_event(history)
     if mechanism == "rdp":
         return _rdp_epsilon(event, delta)
     # Cheap guard first (integer orders only: a slightly looser bound, no slow series for
     # fractional orders): a huge epsilon would need a huge PLD grid.
     if _rdp_epsilon(event, delta, _INTEGER_RDP_ORDERS) > _PLD_MAX_EPSILON:
-        return _epsilon(history, delta, "rdp")
+        return _epsilon_of_event(history, delta, "rdp")
     # Adaptive PLD discretisation (see the comment at _PLD_FIRST_INTERVAL). The first
     # comparison is 4e-3 vs 1e-3, so the kept value is always at Δ <= 1e-3.
     interval = _PLD_FIRST_INTERVAL

@@ -12,7 +12,8 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import optimize, stats
 
-from dpcompile.accounting import PrivacyAccountant, calibrate_noise_multiplier, epsilon
+from dpcompile.accounting import (MIN_ACCOUNTED_NOISE_MULTIPLIER, PrivacyAccountant, calibrate_noise_multiplier,
+                                  epsilon)
 
 
 # --- independent oracle: the analytic Gaussian mechanism ------------------------------------
@@ -254,6 +255,22 @@ def test_huge_epsilon_stays_cheap_and_is_an_upper_bound():
     eps = epsilon(1.0, 1.0, 10**6, 1e-5)
     assert eps >= exact_full_batch_epsilon(1.0, 10**6, 1e-5)
     assert eps < 1.1 * exact_full_batch_epsilon(1.0, 10**6, 1e-5)
+
+
+@pytest.mark.parametrize("mechanism", ["pld", "rdp"])
+def test_noise_below_the_accounted_floor_gives_inf_never_an_error_or_a_small_value(mechanism):
+    """dp_accounting breaks down as σ² underflows: ZeroDivisionError at σ = 1e-300, ε = 0.0 from the
+    RDP of subsampled steps at σ = 1e-155. Below the floor (where one step alone has ε > 10^11)
+    the accountant answers inf, for any segment of the history."""
+    for sigma in (1e-300, 1e-155, 0.99 * MIN_ACCOUNTED_NOISE_MULTIPLIER):
+        for q in (1e-3, 0.5, 1.0):
+            assert epsilon(sigma, q, 3, 1e-5, mechanism) == math.inf
+    at_floor = epsilon(MIN_ACCOUNTED_NOISE_MULTIPLIER, 0.01, 3, 1e-5, mechanism)
+    assert 1e11 < at_floor < math.inf
+    acc = PrivacyAccountant(mechanism)
+    acc.step(1.0, 0.01, 100)
+    acc.step(1e-200, 0.01, 1)
+    assert acc.get_epsilon(1e-5) == math.inf
 
 
 # --- invalid inputs ------------------------------------------------------------------------
