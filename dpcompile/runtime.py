@@ -1,6 +1,7 @@
 """What runs each backward step around the compiled, rewritten backward graph."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -34,7 +35,37 @@ class OwnParametersOnly:
                     "equal dp options); its privacy state (noise stream, steps, accountant) belongs to that model. "
                     "Give each private model its own options (dpcompile.make_private does), e.g. a different "
                     "seed, or call torch._dynamo.reset() before compiling the second model.")
-        return self.compiled(args)
+        outputs = self.compiled(args)
+        if self.state is not None and torch.is_grad_enabled():
+            _mark_forward(outputs, args, self.state)
+        return outputs
+
+
+# A fresh tensor of each training forward carries a one-shot token: its dp backward consumes it,
+# so a second backward through the same forward (loss.backward(retain_graph=True) twice), which
+# would release and count the same batch twice, is refused. The tensors the backward saves come
+# back to it as the same Python objects, and the token dies with them.
+FORWARD_TOKEN = "_dpcompile_forward"
+
+
+def _mark_forward(outputs: list[Any], inputs: list[Any], state: Any) -> None:
+    token = [False, weakref.ref(state)]  # consumed?, whose
+    inputs_ids = {id(a) for a in inputs}
+    for out in outputs:
+        if isinstance(out, torch.Tensor) and id(out) not in inputs_ids:
+            setattr(out, FORWARD_TOKEN, token)
+
+
+def _consume_forward(args: list[Any], state: Any) -> None:
+    tokens = {id(t): t for t in (getattr(a, FORWARD_TOKEN, None) for a in args if isinstance(a, torch.Tensor))
+              if t is not None and t[1]() is state}
+    if any(t[0] for t in tokens.values()):
+        raise DPCompileError(
+            "dpcompile: a second backward pass through the same forward (loss.backward(retain_graph=True), then "
+            "backward again): it would release and count the same batch twice. Nothing was released; run a new "
+            "forward for each backward.")
+    for t in tokens.values():
+        t[0] = True
 
 
 class PrivateBackward:
@@ -51,6 +82,7 @@ class PrivateBackward:
     def __call__(self, args: list[Any]) -> Any:
         state, ctx = self.state, self.ctx
         state.enter_backward(ctx)
+        _consume_forward(args, state)
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         inputs = list(args) + self._graph_inputs(self._runtime_inputs(device))
         args.clear()  # let the compiled graph free saved activations as it goes
@@ -62,9 +94,7 @@ class PrivateBackward:
             state.defer(ctx, outputs[n_grads], list(outputs[n_grads + 1:]))
         else:
             state.check_norms(outputs[n_grads])
-        grads = list(outputs[:n_grads])
-        state.record_gradients(ctx, grads)
-        return grads
+        return state.route_gradients(ctx, list(outputs[:n_grads]))
 
     def _graph_inputs(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """The flat noise cut into the per-gradient views the compiled graph takes

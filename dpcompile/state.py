@@ -1,8 +1,14 @@
-"""Privacy state of one compiled model: noise stream, step count and accountant.
+"""Privacy state of one compiled model: noise streams, step count, accountant, and the release
+protocol around its compiled backwards.
 
-It is attached to the model's parameters so that ``dpcompile.privacy_spent(model)``
-finds it, and saves/restores with ``state_dict``/``load_state_dict`` so a resumed run
-draws bit-identical noise and reports the same ε.
+The state belongs to the module it protects (`own_module`): found from the module and from each
+of its parameters. It is split in two for checkpoints: a public part (`state_dict`: steps,
+accountant history, options) that resumes the accounting and may be published with the model,
+and a secret part (`secret_state_dict`: the seed of every noise and sampling stream, BSR noise
+history), drawn from OS entropy by default and saved apart.
+
+Release protocol: ``p.grad`` is written only at a release, with its noise, counted once.
+Between releases (accumulation micro-steps) the clipped sums stay inside the state.
 """
 from __future__ import annotations
 
@@ -23,15 +29,23 @@ STATE_ATTR = "_dpcompile_state"
 GUARD_ATTR = "_dpcompile_guarded"
 IN_GRAPH_ATTR = "_dpcompile_in_graph"  # an input of some dp-compiled graph: its gradient is clipped there
 NAME_ATTR = "_dpcompile_name"
+SECRET_OPTIONS = ("seed", "instance")  # never in the public state
 # compiled module -> its state, for privacy_state(model) under FSDP2 (whose registered parameters are
 # shards without STATE_ATTR). Weak and outside the module: copy.deepcopy(model) must not copy the state.
 _STATE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, PrivacyState]" = weakref.WeakKeyDictionary()
 
 
 class PrivacyState:
+    """Everything one private model's releases depend on.
+
+    Public part (`state_dict`: steps, accountant history, options; safe to publish with the
+    model) and secret part (`secret_state_dict`: the seed of every noise and sampling stream, BSR
+    noise history), which never enters a model or optimizer checkpoint.
+    """
+
     def __init__(self, options: DPOptions) -> None:
         self.options = options
-        self.seed = options.seed
+        self.seed = options.seed  # secret: drawn from OS entropy unless insecure_seed was given
         self.steps = 0  # noisy releases so far
         self.skipped_steps = 0  # Poisson draws with no sample: nothing released, still accounted
         self.accountant = PrivacyAccountant(options.accountant)
@@ -41,13 +55,44 @@ class PrivacyState:
         self.compiled: list[Any] = []  # CompileContext of every compiled region, for inspection
         self.multi_graph = False  # set when dynamo splits the model (graph breaks)
         self.compiled_module: Any = lambda: None  # weakref to torch.compile's wrapper (FSDP2 may shard it)
+        self.refusal: DPCompileError | None = None  # the backend's last refusal (suppress_errors may hide it)
+        self.no_graph_reason: str | None = None  # why no dp graph can exist (Dynamo disabled)
+        self.needs_secret = False  # a resumed run whose mechanism needs its secret state back (BSR)
+        self.loss_verdict: str | None = None  # how the loss of the coming backward combines samples
         self._task: int | None = None
         self._runs_in_task: list[Any] = []  # CompileContext of each compiled backward run this pass
         self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
+        self._micro_sums: list[tuple[torch.Tensor, torch.Tensor]] = []  # this backward's unreleased sums
+        self._accumulated: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(param) -> (param, clipped sum)
         self.graph_gradients: dict[int, list[tuple[torch.Tensor, int]]] = {}  # id(param) -> (grad, version)
         self._zeros: dict[tuple, torch.Tensor] = {}
         self.bsr = self._make_correlated_noise(options)  # None unless noise_mechanism == "bsr"
         self.lsg = LSGProjector(options.lsg, options.seed) if options.lsg is not None else None
+
+    def __repr__(self) -> str:
+        opts = self.options
+        parts = [f"steps={self.steps}", f"noise_multiplier={opts.noise_multiplier:g}",
+                 f"max_grad_norm={opts.max_grad_norm:g}", f"mechanism={opts.noise_mechanism!r}"]
+        if opts.sample_rate is not None:
+            parts.append(f"sample_rate={opts.sample_rate:g}")
+        delta = self.default_delta()
+        if delta is not None:
+            try:
+                parts.append(f"epsilon={self.epsilon(delta):.4g} at delta={delta:g}")
+            except DPCompileError:
+                pass
+        return f"PrivacyState({', '.join(parts)})"
+
+    def track_outputs(self, outputs: Any) -> Any:
+        """The compiled model's outputs, as the loss tracker follows them to the backward."""
+        return outputs
+
+    def default_delta(self) -> float | None:
+        """δ = 1/N^1.1 when the dataset size is known (N = expected batch size / sample rate)."""
+        opts = self.options
+        if opts.sample_rate is None or opts.expected_batch_size is None:
+            return None
+        return float((opts.expected_batch_size / opts.sample_rate) ** -1.1)
 
     # -- noise -------------------------------------------------------------------------
     @property
@@ -110,42 +155,60 @@ class PrivacyState:
         return epsilon(opts.noise_multiplier, self.bsr.coefficients, self.steps, delta,
                        opts.bsr_min_separation or 1, opts.bsr_max_participations, opts.accountant)
 
-    def _load_bsr_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("options", {})
-        for key in ("noise_mechanism", "bsr_min_separation", "bsr_max_participations"):
-            if saved.get(key, "gaussian" if key == "noise_mechanism" else None) != getattr(self.options, key):
-                raise DPCompileError(
-                    f"dpcompile: checkpoint was made with {key}={saved.get(key)!r} but this model uses "
-                    f"{getattr(self.options, key)!r}; resume with the same privacy options")
-        if self.bsr is not None:
-            if state.get("bsr") is None:
-                raise DPCompileError("dpcompile: this checkpoint has no BSR noise buffers; it cannot resume a "
-                                     "noise_mechanism='bsr' run")
-            self.bsr.load_state_dict(state["bsr"])
-
     # -- one release per backward pass, however many graphs it runs ------------------
     def enter_backward(self, ctx: Any) -> None:
         task = torch._C._current_graph_task_id()
         if task != self._task:
             self._task, self._runs_in_task, self._pending, self.graph_gradients = task, [], [], {}
+            self._micro_sums = []
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        self._check_releasable()
         self._runs_in_task.append(ctx)
 
-    def record_gradients(self, ctx: Any, grads: list[Any]) -> None:
-        """What a graph's backward hands autograd for each parameter, checked as it reaches the
-        parameter (guard_parameters)."""
+    def _check_releasable(self) -> None:
+        if self.needs_secret:
+            raise DPCompileError(
+                "dpcompile: this run was resumed from a public privacy state without its secret part, and "
+                f"noise_mechanism={self.options.noise_mechanism!r} needs it (the BSR noise history): a fresh history "
+                "would break the correlated noise of the steps already released. Load it with "
+                "dpcompile.privacy_state(model).load_secret_state_dict(torch.load(secret_path)); nothing was released")
+
+    def route_gradients(self, ctx: Any, grads: list[Any]) -> list[Any]:
+        """What a graph's backward hands autograd: at a release, each parameter's gradient plus
+        what earlier micro-steps accumulated (checked as it reaches the parameter,
+        `guard_parameters`); between releases nothing: the clipped, noise-free sums stay here
+        (committed when the backward ends without a refusal) and ``p.grad`` is untouched."""
         for position, param in ctx.params.items():
             grad = grads[position]
-            if isinstance(grad, torch.Tensor):
-                self.graph_gradients.setdefault(id(param), []).append((grad, grad._version))
+            if not isinstance(grad, torch.Tensor):
+                continue
+            if not self.release_next:
+                self._micro_sums.append((param, grad))
+                grads[position] = None
+                continue
+            earlier = self._take_accumulated(param)
+            if earlier is not None:
+                grad = grads[position] = grad + earlier.to(grad.dtype)
+            self.graph_gradients.setdefault(id(param), []).append((grad, grad._version))
+        return grads
+
+    def discard_accumulation(self) -> None:
+        """Forget the clipped sums of micro-steps not yet released (a new logical batch starts)."""
+        self._accumulated = {}
+
+    @property
+    def accumulating(self) -> bool:
+        return len(self._accumulated) > 0
 
     def defer(self, ctx: Any, sq_norms: torch.Tensor, per_sample_grads: list[torch.Tensor]) -> None:
         """A graph-break graph's share of the step; clipped once the whole backward has run."""
         self._pending.append((ctx, sq_norms, per_sample_grads))
 
     def _finish_backward(self) -> None:
-        runs, pending = self._runs_in_task, self._pending
+        runs, pending, micro = self._runs_in_task, self._pending, self._micro_sums
         self._task, self._runs_in_task, self._pending, self.graph_gradients = None, [], [], {}
+        self._micro_sums = []
+        self.loss_verdict = None
         if len(runs) > 1 and not all(c.deferred for c in runs):
             for c in runs:
                 for p in c.params.values():
@@ -157,9 +220,38 @@ class PrivacyState:
                 "compiled model so that dpcompile sees the graph break when compiling.")
         if pending:
             self._release_deferred(pending)
+        for param, grad in micro:
+            self._accumulate(param, grad)
         self.last_backward_released = self.release_next
         if self.release_next:
+            self._refuse_unreleased_sums(runs)
             self.record_release()
+
+    def _refuse_unreleased_sums(self, runs: list[Any]) -> None:
+        """Micro-step sums of parameters the releasing backward did not reach would be released
+        without noise (the noise comes with a parameter's graph): refuse the whole release."""
+        if not self._accumulated:
+            return
+        names = [_name(ref()) for ref, _ in self._accumulated.values() if ref() is not None]
+        if not names:
+            self.discard_accumulation()
+            return
+        self.discard_accumulation()
+        for c in runs:
+            for p in c.params.values():
+                p.grad = None
+        raise DPCompileError(
+            f"dpcompile: parameters {names[:5]} accumulated clipped gradients in accumulation micro-steps but took no "
+            "part in the releasing backward, which adds each parameter's noise; the step was discarded and nothing "
+            "was released. Every micro-batch of a logical batch must run the same model graph")
+
+    def _accumulate(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        earlier = self._take_accumulated(param)
+        self._accumulated[id(param)] = (weakref.ref(param), grad if earlier is None else earlier + grad)
+
+    def _take_accumulated(self, param: torch.Tensor) -> torch.Tensor | None:
+        entry = self._accumulated.pop(id(param), None)
+        return entry[1] if entry is not None and entry[0]() is param else None
 
     def _release_deferred(self, pending) -> None:
         from .distributed import graph_scalars
@@ -179,8 +271,13 @@ class PrivacyState:
             for position, ps in zip(ctx.plan["deferred_positions"], per_sample_grads):
                 param = ctx.params[position]
                 clipped = weighted_sum(weights, ps)
-                noise = next(noises)
-                grad = privatize(clipped, noise, 0, std).to(param.dtype)
+                grad = privatize(clipped, next(noises), 0, std).to(param.dtype)
+                if not self.release_next:
+                    self._accumulate(param, grad)
+                    continue
+                earlier = self._take_accumulated(param)
+                if earlier is not None:
+                    grad = grad + earlier.to(grad.dtype)
                 param.grad = grad if param.grad is None else param.grad + grad
 
     def check_norms(self, norms: torch.Tensor) -> None:
@@ -216,74 +313,151 @@ class PrivacyState:
 
     # -- checkpointing ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "steps": self.steps, "skipped_steps": self.skipped_steps,
-                "release_next": self.release_next, "options": dataclasses.asdict(self.options),
+        """The public part: what the release history reveals anyway (steps, accountant history,
+        options without the seed). Safe to publish with the model; resumes the accounting."""
+        options = {k: v for k, v in dataclasses.asdict(self.options).items() if k not in SECRET_OPTIONS}
+        return {"format": "dpcompile-public-1", "steps": self.steps, "skipped_steps": self.skipped_steps,
+                "release_next": self.release_next, "options": options,
                 "accountant": self.accountant.state_dict(),
-                "lsg": self.lsg.state_dict() if self.lsg is not None else None,
+                "lsg": self.lsg.state_dict() if self.lsg is not None else None}
+
+    def secret_state_dict(self) -> dict[str, Any]:
+        """The secret part: the seed of every noise and sampling stream and the BSR noise history.
+        Whoever holds it can regenerate the noise and subtract it: store it apart from the model
+        and optimizer checkpoints, readable only by the training job."""
+        return {"format": "dpcompile-secret-1", "seed": self.seed,
                 "bsr": self.bsr.state_dict() if self.bsr is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the accounting from a public part (`state_dict`)."""
+        if "seed" in state or state.get("format") != "dpcompile-public-1":
+            raise DPCompileError(
+                "dpcompile: this is not a public privacy state of this dpcompile version (a secret part, or an "
+                "older checkpoint that kept the seed inside): load the public part with load_state_dict and the "
+                "secret part with load_secret_state_dict")
         saved = state.get("options", {})
         for key in ("max_grad_norm", "noise_multiplier", "sample_rate"):
             if key in saved and saved[key] != getattr(self.options, key):
                 raise DPCompileError(
                     f"dpcompile: checkpoint was made with {key}={saved[key]} but this model uses "
                     f"{getattr(self.options, key)}; resume with the same privacy options")
-        self._load_bsr_state(state)  # checks its options first, like the loop above
-        self.seed = int(state["seed"])
+        self._check_mechanism_options(saved)
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.release_next = bool(state.get("release_next", True))
         self.accountant.load_state_dict(state["accountant"])
+        self.discard_accumulation()
         if self.lsg is not None and state.get("lsg") is not None:
-            self.lsg.seed = self.seed
             self.lsg.load_state_dict(state["lsg"])
+        self.needs_secret = self.bsr is not None and self.steps > 0
+
+    def load_secret_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the noise seed and BSR history saved by `secret_state_dict`."""
+        if state.get("format") != "dpcompile-secret-1":
+            raise DPCompileError("dpcompile: load_secret_state_dict takes what secret_state_dict returned")
+        if self.bsr is not None:
+            if state.get("bsr") is None:
+                raise DPCompileError("dpcompile: this secret state has no BSR noise buffers; it cannot resume a "
+                                     "noise_mechanism='bsr' run")
+            self.bsr.load_state_dict(state["bsr"])
+        self.seed = int(state["seed"])
+        if self.lsg is not None:
+            self.lsg.seed = self.seed
+        self.needs_secret = False
+
+    def _check_mechanism_options(self, saved: dict[str, Any]) -> None:
+        for key in ("noise_mechanism", "bsr_min_separation", "bsr_max_participations"):
+            if saved.get(key, "gaussian" if key == "noise_mechanism" else None) != getattr(self.options, key):
+                raise DPCompileError(
+                    f"dpcompile: checkpoint was made with {key}={saved.get(key)!r} but this model uses "
+                    f"{getattr(self.options, key)!r}; resume with the same privacy options")
 
 
 def guard_parameters(params) -> None:
-    """Fail closed when a parameter gets a gradient that is not exactly its dp graph's.
+    """Fail closed when a parameter gets a gradient that is not exactly its dp graph's release.
 
-    Checked as the gradient reaches the parameter (a tensor hook: after all of a backward's
-    contributions are summed, before they are accumulated into ``p.grad`` or returned by
-    ``torch.autograd.grad``). Refused: calling the uncompiled module, torch.compile falling back
-    to eager (recompile limit, suppressed errors), and code run eagerly outside the dp graphs
-    that uses the parameter, alone or on top of its clipped gradient (graph breaks,
-    ``torch._dynamo.disable``, a loss term that reads the parameter).
+    Checked as the gradient reaches the parameter (a tensor hook, moved in front of the hooks
+    registered earlier: after all of a backward's contributions are summed, before any user hook
+    transforms it and before it is accumulated into ``p.grad`` or returned by
+    ``torch.autograd.grad``). Between releases dp graphs hand autograd nothing, so anything that
+    arrives then is foreign; at a release, the summed gradient must be the very tensor the dp
+    graph returned. Refused: calling the uncompiled module, Dynamo disabled or falling back to
+    eager (recompile limit, suppressed errors, a module Dynamo skips), and code run eagerly
+    outside the dp graphs that uses the parameter, alone or on top of its clipped gradient (graph
+    breaks, ``torch._dynamo.disable``, full backward hooks, a loss term that reads the parameter).
     """
     for p in params:
         if p.requires_grad and not getattr(p, GUARD_ATTR, False):
-            p.register_hook(functools.partial(_check_incoming_gradient, weakref.ref(p)))
+            handle = p.register_hook(functools.partial(_check_incoming_gradient, weakref.ref(p)))
+            _run_first(p, handle.id)
             setattr(p, GUARD_ATTR, True)
+
+
+def _run_first(param: torch.Tensor, hook_id: int) -> None:
+    """Move a tensor hook before the ones registered earlier. Autograd runs a leaf's hooks in the
+    insertion order of its ``_backward_hooks`` dict, so the entries are re-inserted in place
+    (the same dict: the user's RemovableHandles keep working)."""
+    hooks = getattr(param, "_backward_hooks", None)
+    if not isinstance(hooks, dict) or len(hooks) < 2:
+        return
+    entries = list(hooks.items())
+    hooks.clear()
+    hooks[hook_id] = dict(entries)[hook_id]
+    hooks.update((k, v) for k, v in entries if k != hook_id)
+
+
+def own_module(module: torch.nn.Module, state: "PrivacyState") -> None:
+    """Make `state` the privacy state of `module`: found from the module and from each of its
+    parameters (the graphs' parameter sources), every trainable parameter guarded."""
+    _refuse_sharded_submodules(module)
+    _STATE_OF_MODULE[module] = state
+    for name, p in module.named_parameters():
+        setattr(p, STATE_ATTR, state)
+        if p.requires_grad and not hasattr(p, NAME_ATTR):
+            setattr(p, NAME_ATTR, f"{type(module).__name__}.{name}")
+    guard_parameters(module.parameters())
+
+
+def _refuse_sharded_submodules(module: torch.nn.Module) -> None:
+    sharded = next((f"{name or type(module).__name__} ({type(m).__name__})" for name, m in module.named_modules()
+                    if type(m).__name__.startswith("FSDP")
+                    or any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False))), None)
+    if sharded is not None:
+        raise DPCompileError(
+            f"dpcompile: {sharded} inside the compiled model is sharded by FSDP (fully_shard / DTensor "
+            "parameters): FSDP's hooks run outside the compiled graphs, so per-sample norms would miss the "
+            "sharded parameters. Shard the compiled model as one unit instead: "
+            "fully_shard(torch.compile(model, backend='dp', options=...)), or use DDP.")
 
 
 def attach_to_module(module: torch.nn.Module, state: PrivacyState) -> None:
     _STATE_OF_MODULE[module] = state
 
 
-def guard_module(module: torch.nn.Module) -> None:
-    """Guard every trainable parameter of a module compiled with the dp backend, not only the
-    ones its graphs take: Dynamo runs what it cannot trace (a forward under
-    ``torch._dynamo.disable``, an untraceable call) eagerly between the graphs, and a parameter
-    used there would get a gradient that no clip factor covers and whose norm no clip factor saw."""
-    for name, p in module.named_parameters():
-        if p.requires_grad and not hasattr(p, NAME_ATTR):
-            setattr(p, NAME_ATTR, f"{type(module).__name__}.{name}")
-    guard_parameters(module.parameters())
+def state_of_module(module: torch.nn.Module) -> "PrivacyState | None":
+    return _STATE_OF_MODULE.get(module)
 
 
 def _check_incoming_gradient(param_ref: weakref.ref, grad: torch.Tensor) -> None:
-    """The summed gradient reaching a parameter must be the very tensor its dp graph returned this
-    backward, unmodified: anything added to it came from outside the clipped graphs."""
+    """The summed gradient reaching a parameter must be the very tensor its dp graph released this
+    backward, unmodified: anything else came from outside the clipped graphs."""
     if grad is None:  # a graph that writes the gradient itself (graph breaks: PrivacyState._release_deferred)
         return
     param = param_ref()
     state = getattr(param, STATE_ATTR, None)
-    if not getattr(param, IN_GRAPH_ATTR, False):
+    if state is not None and state.no_graph_reason is not None:
         raise DPCompileError(
-            f"dpcompile: parameter {_name(param)} received a gradient from code that torch.compile ran eagerly, "
-            "outside the dp-compiled graphs (a forward under torch._dynamo.disable, a call Dynamo cannot trace, an "
-            "FSDP hook), so no clip factor covers it; the gradient was discarded. Make that code traceable "
-            "(TORCH_LOGS=graph_breaks lists the breaks) or freeze the parameter (requires_grad=False).")
+            f"dpcompile: parameter {_name(param)} received a gradient, but {state.no_graph_reason}: no dp graph "
+            "clips or noises it. The gradient was discarded. Enable Dynamo for private training.")
+    if not getattr(param, IN_GRAPH_ATTR, False):
+        reason = f" ({state.refusal})" if state is not None and state.refusal is not None else ""
+        raise DPCompileError(
+            f"dpcompile: parameter {_name(param)} received a gradient from code that ran eagerly, outside the "
+            "dp-compiled graphs (the module called without torch.compile, a forward under torch._dynamo.disable, a "
+            "module Dynamo does not trace such as one with a full backward hook, a call Dynamo cannot trace, an "
+            "eager fallback after an error" + reason + "), so no clip factor covers it; the gradient was discarded. "
+            "Make that code traceable (TORCH_LOGS=graph_breaks lists the breaks) or freeze the parameter "
+            "(requires_grad=False).")
     if state is None or torch._C._current_graph_task_id() != state._task:
         raise DPCompileError(
             f"dpcompile: parameter {_name(param)} received a gradient from a backward pass that did not run through "
@@ -294,12 +468,13 @@ def _check_incoming_gradient(param_ref: weakref.ref, grad: torch.Tensor) -> None
     if len(released) > 1:
         return  # several clipped graphs in one backward: refused as a whole when it ends (_finish_backward)
     if not released or grad is not released[0][0] or grad._version != released[0][1]:
+        when = "" if state.release_next else " (this is an accumulation micro-step: dp graphs release nothing then)"
         raise DPCompileError(
             f"dpcompile: parameter {_name(param)} received, besides its clipped gradient, a gradient from code run "
             "outside the dp-compiled graphs (eagerly between graph breaks, under torch._dynamo.disable, or a loss "
-            "term that reads the parameter outside the compiled model); that part is neither clipped nor noised, "
-            "so the gradient was discarded. Keep every use of the parameter inside the compiled model (for L2 "
-            "regularisation use the optimizer's weight_decay).")
+            f"term that reads the parameter outside the compiled model){when}; that part is neither clipped nor "
+            "noised, so the gradient was discarded. Keep every use of the parameter inside the compiled model (for "
+            "L2 regularisation use the optimizer's weight_decay).")
 
 
 def _name(param: torch.Tensor) -> str:
@@ -312,8 +487,8 @@ def stream_seed(seed: int, step: int, stream: str) -> int:
 
 
 def state_of(model: torch.nn.Module) -> PrivacyState:
-    for module in (model, getattr(model, "_orig_mod", None)):  # torch.compile's wrapper or the module
-        if module in _STATE_OF_MODULE:
+    for module in (model, getattr(model, "_orig_mod", None), getattr(model, "__self__", None)):  # torch.compile's wrapper or the module
+        if module is not None and module in _STATE_OF_MODULE:
             return _STATE_OF_MODULE[module]
     for p in model.parameters():
         state = getattr(p, STATE_ATTR, None)

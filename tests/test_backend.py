@@ -29,7 +29,8 @@ def test_a_dropped_private_model_and_its_privacy_state_are_freed():
 
     def train_once():
         net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-        model = torch.compile(net, backend="dp", options={"max_grad_norm": 1.0, "sample_rate": 0.1})
+        model = torch.compile(net, backend="dp", options={"max_grad_norm": 1.0, "sample_rate": 0.1,
+                                                            "expected_batch_size": 4})
         F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 3, (4,))).backward()
         return weakref.ref(net[0].weight), weakref.ref(dpcompile.privacy_state(model))
 
@@ -58,7 +59,8 @@ def test_a_trained_private_model_deep_copies_without_its_privacy_state():
     import copy
 
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
-    model = torch.compile(net, backend="dp", options={"noise_multiplier": 1.0, "sample_rate": 0.01})
+    model = torch.compile(net, backend="dp", options={"noise_multiplier": 1.0, "sample_rate": 0.01,
+                                                            "expected_batch_size": 8})
     F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
     for original in (net, model):
         twin = copy.deepcopy(original)
@@ -203,7 +205,8 @@ def _backward_graph_seen(monkeypatch, net: nn.Module, step) -> tuple:
     """Compile `net` with the dp backend, run `step(model)`; the backward graph Inductor got
     and its example inputs."""
     graphs = _record_compiles(monkeypatch)
-    step(torch.compile(net, backend="dp", options={"sample_rate": 0.01, "strategy": "instantiate"}))
+    step(torch.compile(net, backend="dp", options={"sample_rate": 0.01, "expected_batch_size": 4,
+                                                "strategy": "instantiate"}))
     return graphs[-1]
 
 

@@ -1,6 +1,8 @@
 """Noise: right distribution and scale, exactly once per step, reproducible from the seed."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,8 +13,10 @@ import dpcompile
 SIGMA, R, EBS = 1.3, 0.7, 4.0
 
 
-def private_grads(model, x, y, **options):
+def private_grads(model, x, y, fresh=True, **options):
+    """One private step of a fresh copy of `model` (each copy owns a privacy state of its own)."""
     torch._dynamo.reset()
+    model = copy.deepcopy(model) if fresh else model
     opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "seed": 1234, **options}
     compiled = torch.compile(model, backend="dp", options=opts)
     model.zero_grad(set_to_none=True)
@@ -70,31 +74,33 @@ def test_each_step_draws_fresh_noise():
 
 
 def test_checkpoint_resume_gives_bit_identical_noise():
+    """A resumed run (fresh module and compile, as in a new process) that loads the public part
+    (accounting) and the secret part (noise seed) draws exactly the noise the run would have drawn."""
     model, x, y = setup()
-    torch._dynamo.reset()
-    opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "seed": 7, "sample_rate": 0.01}
+    twin = copy.deepcopy(model)  # the same weights, never compiled: "the new process"
+    opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "seed": 7, "sample_rate": 0.01, "expected_batch_size": 6}
     compiled = torch.compile(model, backend="dp", options=opts)
-    grads, saved = [], None
+    grads, public, secret = [], None, None
     for step in range(4):
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(compiled(x), y).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         if step == 1:
-            saved = dpcompile.privacy_state(model).state_dict()
+            public = dpcompile.privacy_state(model).state_dict()
+            secret = dpcompile.privacy_state(model).secret_state_dict()
     eps = dpcompile.privacy_spent(model, 1e-5)
+    assert "seed" not in public and "seed" not in public["options"] and secret["seed"] == 7
 
-    torch._dynamo.reset()  # "a new process": fresh compile, state restored from the checkpoint
-    opts2 = dict(opts, seed=12345)
-    resumed = torch.compile(model, backend="dp", options=opts2)
-    model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(resumed(x), y).backward()  # compiles, creates the state (step 2 noise, wrong seed)
-    state = dpcompile.privacy_state(model)
-    state.load_state_dict(saved)
+    torch._dynamo.reset()
+    resumed = torch.compile(twin, backend="dp", options={k: v for k, v in opts.items() if k != "seed"})
+    state = dpcompile.privacy_state(twin)
+    state.load_state_dict(public)
+    state.load_secret_state_dict(secret)
     for step in (2, 3):
-        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(resumed(x), y).backward()
-        assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), grads[step])
-    assert dpcompile.privacy_spent(model, 1e-5) == eps
+        assert torch.equal(torch.cat([p.grad.flatten() for p in twin.parameters()]), grads[step])
+    assert dpcompile.privacy_spent(twin, 1e-5) == eps
 
 
 def test_each_parameter_gets_its_own_slice_of_the_step_noise():
@@ -109,8 +115,10 @@ def test_each_parameter_gets_its_own_slice_of_the_step_noise():
     x, y = torch.randn(6, 40), torch.randint(0, 30, (6,))
     grads = []
     for sigma in (0.0, SIGMA):
-        private_grads(model, x, y, noise_multiplier=sigma, strategy="instantiate")
-        grads.append([p.grad.clone() for p in model.parameters()])
+        twin = copy.deepcopy(model)  # same weights, a privacy state of its own
+        private_grads(twin, x, y, fresh=False, noise_multiplier=sigma, strategy="instantiate")
+        grads.append([p.grad.clone() for p in twin.parameters()])
+    model = twin
     ctx = dpcompile.privacy_state(model).compiled[0]
     packed = {position for _, members in ctx.plan["packs"] for position, *_ in members}
     assert packed and set(ctx.params) - packed  # both kinds (Linear(300, 300).weight is too big to pack)

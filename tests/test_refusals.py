@@ -133,6 +133,13 @@ def test_embedding_scale_grad_by_freq_is_refused():
     ({"mode": "fastest"}, "mode must be one of"),
     ({"inductor": {"combo_kernel": True}}, "unknown Inductor config name(s) ['combo_kernel']"),
     ({"inductor": ["combo_kernels"]}, "inductor must be a dict"),
+    ({"noise_multiplier": float("inf")}, "noise_multiplier must be a finite number"),
+    ({"noise_multiplier": float("nan")}, "noise_multiplier must be a finite number"),
+    ({"noise_multiplier": 1e-300}, "noise_multiplier=0 for deliberately non-private training"),
+    ({"max_grad_norm": float("inf")}, "max_grad_norm must be a positive finite number"),
+    ({"check_finite": False}, "check_finite=False is refused"),
+    ({"sample_rate": 0.1}, "sample_rate=0.1 is set but expected_batch_size is not"),
+    ({"sample_rate": 0.1, "dataset_size": 40, "expected_batch_size": 3.0}, "disagrees with"),
 ])
 def test_invalid_options_are_rejected(options, message):
     with pytest.raises(Exception) as info:
@@ -157,14 +164,16 @@ def test_non_finite_per_sample_norm_raises_and_releases_nothing():
     assert model.fc.weight.grad is None
 
 
-def test_privacy_spent_of_a_model_no_dp_graph_ran_for_says_it_trained_without_dp():
-    """torch.compile can run a model without ever calling the backend (FSDP2, torch.compile(DDP(m))):
-    asking for ε then must not look like a missing setup step only."""
+def test_training_the_module_behind_its_compiled_model_is_refused_before_any_gradient():
+    """torch.compile(module, backend="dp") guards every trainable parameter at once: training the
+    original module (no dp graph) is refused in its backward, before p.grad, and no step counts."""
     net = nn.Linear(3, 2)
-    torch.compile(net, backend="dp", options={"noise_multiplier": 1.0, "sample_rate": 0.1})
-    net(torch.randn(4, 3)).sum().backward()  # the original module: no dp graph
-    with pytest.raises(DPCompileError, match="neither clipped nor noised"):
-        dpcompile.privacy_spent(net, delta=1e-5)
+    torch.compile(net, backend="dp", options={"noise_multiplier": 1.0, "sample_rate": 0.1,
+                                                "expected_batch_size": 4})
+    with pytest.raises(DPCompileError, match="ran eagerly, outside the dp-compiled graphs"):
+        net(torch.randn(4, 3)).sum().backward()
+    assert net.weight.grad is None and net.bias.grad is None
+    assert dpcompile.privacy_state(net).steps == 0
 
 
 def test_privacy_spent_needs_a_sample_rate():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-import sys
 import weakref
 from typing import Any, Sequence
 
@@ -32,8 +31,9 @@ from ..errors import DPCompileError
 from ..options import DPOptions
 from ..passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
 from ..passes.base import HOOKS, CompileContext, node_shape, to_expr
-from ..state import (IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, attach_to_module, guard_module,
-                     guard_parameters)
+from ..state import IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, guard_parameters, own_module
+from .module import STATE_KEY
+from .module import install as install_compile_hook
 from ..runtime import OwnParametersOnly, PrivateBackward
 
 aten = torch.ops.aten
@@ -45,21 +45,25 @@ KEPT_BACKWARD_OPS = (aten.embedding_dense_backward, aten.native_layer_norm_backw
 # until after the DP passes (the backward re-trace still decomposes them).
 KEPT_MATMULS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
 _graph_ids = itertools.count()
-_instances = itertools.count()
-# id(options dict) -> its state. Weak: the model's parameters hold their state (STATE_ATTR), so a
-# state lives as long as its model; a strong table kept every private model of a process alive.
-_states_by_options: "weakref.WeakValueDictionary[int, PrivacyState]" = weakref.WeakValueDictionary()
 
 
 def dp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
                mode: str | None = None, **unused: Any):
     state = _state_for(options, example_inputs)
-    wrapper = _compiling_wrapper()
-    if wrapper is not None:  # checked at each forward: FSDP2 may wrap it (dpcompile.distributed)
-        state.compiled_module = weakref.ref(wrapper)
-        _guard_compiled_module(wrapper._orig_mod)
-        attach_to_module(wrapper._orig_mod, state)  # privacy_state(model) under FSDP2 (parameters are shards)
+    try:
+        compiled = _compile(gm, example_inputs, state, mode)
+    except DPCompileError as refusal:
+        state.refusal = refusal  # torch._dynamo.config.suppress_errors would run the module eagerly
+        raise
+    state.refusal = None
+    return compiled
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], state: PrivacyState, mode: str | None):
     check_compile(state)  # under DDP: refuses Dynamo's DDPOptimizer (one graph per bucket) and make_private models
+    module = state.compiled_module()
+    if module is not None:  # checked again here: FSDP2 may have sharded submodules since torch.compile
+        own_module(module._orig_mod, state)
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and reason.graph_break:
         state.multi_graph = True  # another graph follows: clip factors need all of them
@@ -97,20 +101,33 @@ def aot_decompositions() -> dict:
 # ----------------------------------------------------------------------------- state
 
 def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacyState:
-    """One state per torch.compile call (its options dict), shared by all its graphs.
+    """The privacy state of the module this graph belongs to.
 
-    Without options, graphs of the same parameters share the state already attached to them.
-    """
+    ``torch.compile(module, backend="dp")`` hands it over in the options (`backends.module`);
+    a compiled function finds it from the graph's parameters (their owner's state), or gets a
+    state of its own. Every parameter the graph takes is marked as clipped here and guarded."""
+    options = dict(options or {})
+    owner = options.pop(STATE_KEY, None)
+    state = owner() if owner is not None else None
     params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-    if options is not None:
-        state = _states_by_options.get(id(options))
-    else:
-        state = next((getattr(p, STATE_ATTR) for p in params if hasattr(p, STATE_ATTR)), None)
+    if owner is not None and any(getattr(p, STATE_ATTR, None) is not state for p in params):
+        raise DPCompileError(
+            "dpcompile: this compiled model runs parameters that its privacy state does not own: it is a copy "
+            "(copy.deepcopy) of a compiled private model, or parameters were added after torch.compile. Compile "
+            "the copy itself: torch.compile(copy._orig_mod, backend='dp', options=...)")
+    owners = {id(s): s for s in (getattr(p, STATE_ATTR, None) for p in params) if s is not None}
     if state is None:
-        state = PrivacyState(DPOptions.from_dict(options))
-        if options is not None:
-            state.options_dict = options  # keeps id(options) unique while the state lives
-            _states_by_options[id(options)] = state
+        if len(owners) > 1:
+            raise DPCompileError(
+                "dpcompile: this compiled function uses the parameters of several private models; each model's "
+                "gradients are clipped and accounted by its own privacy state. Compile each model on its own")
+        state = next(iter(owners.values()), None) or PrivacyState(DPOptions.from_dict(options))
+    foreign = [p for p in params if id(getattr(p, STATE_ATTR, state)) != id(state)]
+    if foreign:
+        raise DPCompileError(
+            f"dpcompile: parameter {getattr(foreign[0], '_dpcompile_name', tuple(foreign[0].shape))} belongs to "
+            "another private model (compiled separately with backend='dp'); a parameter can train under one "
+            "privacy state only")
     for p in params:
         setattr(p, STATE_ATTR, state)
         setattr(p, IN_GRAPH_ATTR, True)
@@ -118,45 +135,12 @@ def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacySt
     return state
 
 
-def _compiling_wrapper() -> torch.nn.Module | None:
-    """The `OptimizedModule` torch.compile returned for the module being compiled: the innermost
-    one on the Python stack (Dynamo compiles a frame just before running it, so its callers are
-    still on the stack). None for a compiled function or a direct backend call."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, OptimizedModule):
-            return owner
-        frame = frame.f_back
-    return None
-
-
-def _guard_compiled_module(module: torch.nn.Module) -> None:
-    sharded = next((f"{name or type(module).__name__} ({type(m).__name__})" for name, m in module.named_modules()
-                    if type(m).__name__.startswith("FSDP")
-                    or any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False))), None)
-    if sharded is not None:
-        raise DPCompileError(
-            f"dpcompile: {sharded} inside the compiled model is sharded by FSDP (fully_shard / DTensor "
-            "parameters): FSDP's hooks run outside the compiled graphs, so per-sample norms would miss the "
-            "sharded parameters. Shard the compiled model as one unit instead: "
-            "fully_shard(torch.compile(model, backend='dp', options=...)), or use DDP.")
-    guard_module(module)
-
-
 def register_state(options: dict, module: torch.nn.Module) -> PrivacyState:
-    """Create the privacy state before the first compile (make_private needs it for its loader).
-    Marks `options` with a fresh instance number: equal options of another model must not
-    let torch.compile reuse this model's graph."""
-    options.setdefault("instance", next(_instances))
+    """Create the privacy state before the first compile (make_private needs it for its loader)
+    and put it into `options`, which make_private then passes to torch.compile."""
     state = PrivacyState(DPOptions.from_dict(options))
-    state.options_dict = options
-    _states_by_options[id(options)] = state
-    for p in module.parameters():
-        setattr(p, STATE_ATTR, state)
-    guard_parameters(module.parameters())
+    own_module(module, state)
+    options[STATE_KEY] = weakref.ref(state)
     return state
 
 
@@ -371,3 +355,6 @@ def _view_strides(x: torch.Tensor, size) -> list | None:
     from torch._subclasses.fake_impls import _compute_stride  # the rule aten.view itself applies
 
     return _compute_stride(x.shape, x.stride(), infer_size(size, x.numel()), size_oblivious=True)
+
+
+install_compile_hook()  # torch.compile(module, backend="dp") protects the module first (backends.module)
