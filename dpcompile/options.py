@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import numbers
 import os
 from typing import Any
 
+from .accounting import MIN_ACCOUNTED_NOISE_MULTIPLIER
 from .errors import DPCompileError
 
 CLIPPING_MODES = ("flat", "automatic")
@@ -15,6 +18,13 @@ ACCOUNTANTS = ("pld", "rdp")
 NOISE_MECHANISMS = ("gaussian", "bsr")
 LSG_SUBSPACES = ("weights", "random")
 LSG_MASKS = ("update", "random")
+# Numeric options, by type: numbers.Real / numbers.Integral values (numpy scalars included) are
+# converted to plain Python float / int when the options are built (DPOptions.from_dict).
+FLOAT_OPTIONS = ("max_grad_norm", "noise_multiplier", "sample_rate", "expected_batch_size", "automatic_gamma",
+                 "memory_budget_mb", "bsr_momentum", "bsr_weight_decay")
+INT_OPTIONS = ("seed", "instance", "dataset_size", "bsr_bands", "bsr_min_separation", "bsr_max_participations")
+# expected_batch_size vs sample_rate * dataset_size: relative tolerance of the consistency check.
+DIVISOR_REL_TOL = 1e-9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +62,7 @@ class LSGOptions:
             value["layers"] = (value["layers"],)
         if "layers" in value:
             value["layers"] = tuple(value["layers"])
+        _to_python_numbers(value, floats=("density",), ints=("rank", "refresh"))
         opts = cls(**value)
         opts.validate()
         return opts
@@ -62,11 +73,11 @@ class LSGOptions:
 
         need(len(self.layers) > 0 and all(isinstance(p, str) for p in self.layers),
              f"layers must be name patterns, got {self.layers!r}")
-        need(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive int, got {self.rank!r}")
+        need(_is_int(self.rank) and self.rank > 0, f"rank must be a positive int, got {self.rank!r}")
         need(_is_number(self.density) and 0 < self.density <= 1, f"density must be in (0, 1], got {self.density!r}")
         need(self.subspace in LSG_SUBSPACES, f"subspace must be one of {LSG_SUBSPACES}, got {self.subspace!r}")
         need(self.mask in LSG_MASKS, f"mask must be one of {LSG_MASKS}, got {self.mask!r}")
-        need(isinstance(self.refresh, int) and self.refresh > 0,
+        need(_is_int(self.refresh) and self.refresh > 0,
              f"refresh must be a positive int, got {self.refresh!r}")
 
     def selects(self, name: str) -> bool:
@@ -77,11 +88,22 @@ class LSGOptions:
 class DPOptions:
     """Privacy and compilation settings.
 
+    Numeric options must be finite; numpy scalars are accepted and stored as Python
+    float / int (bools are refused).
+
     max_grad_norm: clipping bound R on each sample's whole gradient.
-    noise_multiplier: σ; Gaussian noise of std σ·R is added to the clipped sum.
-    sample_rate: Poisson sampling rate q, used only by the accountant.
-    expected_batch_size: divisor of the noisy sum (Opacus' convention). None: the
-        actual batch size of each step.
+    noise_multiplier: σ; Gaussian noise of std σ·R is added to the clipped sum. 0: no
+        noise (non-private, no ε is claimed); a positive σ below 1e-6
+        (`accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER`) is refused: it gives no privacy (one
+        step alone has ε > 10^11) and its ε cannot be computed reliably.
+    sample_rate: Poisson sampling rate q, used by the accountant. Needs
+        expected_batch_size (or dataset_size): the divisor must not be the actual batch size.
+    expected_batch_size: divisor of the noisy sum (Opacus' convention), q·N under Poisson
+        sampling; required with sample_rate. None (only without sample_rate, i.e. when no ε
+        is claimed): the actual batch size of each step.
+    dataset_size: N, the number of records sampled from; with sample_rate and no
+        expected_batch_size, expected_batch_size is derived as sample_rate·N. Given all three,
+        expected_batch_size must equal sample_rate·dataset_size (relative 1e-9).
     loss_reduction: how the loss seen by backward combines samples: "mean" (the
         default of F.cross_entropy) or "sum". Used to recover each sample's own
         gradient before clipping; clipping bounds each contribution either way.
@@ -94,7 +116,10 @@ class DPOptions:
         norms at the same peak memory on an H200) but not at B=32, T=256 (2.3 GiB).
     seed: seed of the noise stream; None draws one from the OS (recorded in state_dict).
     accountant: "pld" or "rdp" (dp-accounting).
-    check_finite: raise if any per-sample gradient norm is NaN/inf (one device sync a step).
+    check_finite: always True: a batch in which any per-sample gradient norm is NaN/inf is
+        refused before anything is released (one device sync a step). False is refused: a
+        non-finite sample's gradient cannot be clipped, so its batch cannot be released
+        privately (it would turn the whole release into NaN).
     lsg: low-rank + sparse gradients for selected layers (a dict of ``LSGOptions``), or None.
     noise_mechanism: "gaussian" (DP-SGD: independent noise every step, Poisson accounting)
         or "bsr" (banded-square-root correlated noise, `dpcompile.bsr`: matrix-factorization
@@ -124,6 +149,7 @@ class DPOptions:
     noise_multiplier: float = 1.0
     sample_rate: float | None = None
     expected_batch_size: float | None = None
+    dataset_size: int | None = None
     loss_reduction: str = "mean"
     clipping: str = "flat"
     automatic_gamma: float = 0.01
@@ -161,6 +187,12 @@ class DPOptions:
             options["inductor"] = tuple(sorted(options["inductor"].items()))
         if options.get("seed") is None:
             options["seed"] = int.from_bytes(os.urandom(8), "little") >> 1
+        _to_python_numbers(options, FLOAT_OPTIONS, INT_OPTIONS)
+        if isinstance(options.get("bsr_coefficients"), tuple):
+            options["bsr_coefficients"] = tuple(float(c) if _is_number(c) else c for c in options["bsr_coefficients"])
+        q, n = options.get("sample_rate"), options.get("dataset_size")
+        if options.get("expected_batch_size") is None and _is_number(q) and _is_int(n) and n >= 1:
+            options["expected_batch_size"] = q * n  # derived: E = q·N (validated below)
         opts = cls(**options)
         opts.validate()
         return opts
@@ -168,30 +200,65 @@ class DPOptions:
     def validate(self) -> None:
         need = _require
         need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0,
-             f"max_grad_norm must be a positive number, got {self.max_grad_norm!r}")
+             f"max_grad_norm must be a positive finite number, got {self.max_grad_norm!r}")
         need(_is_number(self.noise_multiplier) and self.noise_multiplier >= 0,
-             f"noise_multiplier must be a number >= 0, got {self.noise_multiplier!r}")
+             f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}")
+        need(not 0 < self.noise_multiplier < MIN_ACCOUNTED_NOISE_MULTIPLIER,
+             f"noise_multiplier={self.noise_multiplier!r} is positive but below {MIN_ACCOUNTED_NOISE_MULTIPLIER:g}: "
+             "noise that small gives no privacy (one step alone has ε > 10^11 at any sample_rate, so the "
+             "accountant reports ε = inf) and is comparable to the float rounding of the clipped sum. Use "
+             "noise_multiplier=0 for deliberately non-private training (no ε is claimed then), or a "
+             f"noise_multiplier >= {MIN_ACCOUNTED_NOISE_MULTIPLIER:g} (DP-SGD typically uses 0.5 to 2)")
         need(self.sample_rate is None or (_is_number(self.sample_rate) and 0 < self.sample_rate <= 1),
              f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
         need(self.expected_batch_size is None
              or (_is_number(self.expected_batch_size) and self.expected_batch_size > 0),
-             f"expected_batch_size must be a positive number, got {self.expected_batch_size!r}")
+             f"expected_batch_size must be a positive finite number, got {self.expected_batch_size!r}")
+        need(self.dataset_size is None or (_is_int(self.dataset_size) and self.dataset_size >= 1),
+             f"dataset_size must be an int >= 1 (the number of records N), got {self.dataset_size!r}")
+        need(self.check_finite is True,
+             f"check_finite={self.check_finite!r} is refused: a sample whose gradient norm is NaN/inf cannot be "
+             "clipped, so a batch containing one cannot be released privately (its NaN would spread to every "
+             "coordinate of the release, revealing that sample). dpcompile always checks and refuses such a "
+             "batch before anything reaches p.grad; drop the option and fix the inputs / loss of the samples "
+             "that give non-finite gradients")
         need(self.loss_reduction in LOSS_REDUCTIONS,
              f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         need(self.clipping in CLIPPING_MODES,
              f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
         need(_is_number(self.automatic_gamma) and self.automatic_gamma > 0,
-             f"automatic_gamma must be a positive number, got {self.automatic_gamma!r}")
+             f"automatic_gamma must be a positive finite number, got {self.automatic_gamma!r}")
         need(self.strategy in STRATEGIES,
              f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         need(_is_number(self.memory_budget_mb) and self.memory_budget_mb >= 0,
-             f"memory_budget_mb must be a number >= 0, got {self.memory_budget_mb!r}")
-        need(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+             f"memory_budget_mb must be a finite number >= 0, got {self.memory_budget_mb!r}")
+        need(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
         need(isinstance(self.triton_kernels, bool), f"triton_kernels must be True or False, got {self.triton_kernels!r}")
         need(self.accountant in ACCOUNTANTS,
              f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         self._validate_noise_mechanism()
+        self._validate_divisor()
         self._validate_inductor()
+
+    def _validate_divisor(self) -> None:
+        """With Poisson accounting the divisor must be the public q·N, never the actual batch size."""
+        need, q, E, n = _require, self.sample_rate, self.expected_batch_size, self.dataset_size
+        need(n is None or q is not None,
+             f"dataset_size={n} only serves to derive expected_batch_size = sample_rate·dataset_size; it needs "
+             "sample_rate (or drop dataset_size and pass expected_batch_size)")
+        if q is None:
+            return  # no ε is claimed: the divisor may be the actual batch size (or expected_batch_size)
+        need(E is not None,
+             f"sample_rate={q} is set but expected_batch_size is not: under Poisson sampling the noisy sum must "
+             "be divided by the expected batch size q·N, never by the actual one (which would leak it). Pass "
+             f"options={{'expected_batch_size': q*N}} (N = dataset size; or options={{'dataset_size': N}}, from "
+             "which it is derived) or use dpcompile.make_private, which derives it")
+        if n is not None:
+            need(abs(E - q * n) <= DIVISOR_REL_TOL * q * n,
+                 f"expected_batch_size={E} disagrees with sample_rate·dataset_size = {q}·{n} = {q * n}: give "
+                 "expected_batch_size or dataset_size, or make them consistent")
+        need(E >= q * (1 - DIVISOR_REL_TOL),
+             f"expected_batch_size={E} is below sample_rate={q}: it must be q·N for a dataset of N >= 1 records")
 
     def _validate_noise_mechanism(self) -> None:
         """BSR settings: only with noise_mechanism="bsr", and with a participation schema it can account."""
@@ -218,7 +285,7 @@ class DPOptions:
         need(self.bsr_bands is None or positive_int(self.bsr_bands),
              f"bsr_bands must be an int >= 1, got {self.bsr_bands!r}")
         need(self.bsr_coefficients is None or all(_is_number(c) for c in self.bsr_coefficients),
-             f"bsr_coefficients must be numbers, got {self.bsr_coefficients!r}")
+             f"bsr_coefficients must be finite numbers, got {self.bsr_coefficients!r}")
         need(_is_number(self.bsr_momentum) and 0 <= self.bsr_momentum < 1,
              f"bsr_momentum must be in [0, 1), got {self.bsr_momentum!r}")
         need(_is_number(self.bsr_weight_decay) and 0 <= self.bsr_weight_decay < 1,
@@ -251,10 +318,59 @@ class DPOptions:
         return {**(list_mode_options(mode) if mode else {}), **dict(self.inductor)}
 
 
+def validate_make_private_args(*, max_physical_batch_size: Any = None, target_epsilon: Any = None,
+                               target_delta: Any = 1e-5, epochs: Any = None, noise_multiplier: Any = None,
+                               seed: Any = None) -> None:
+    """`dpcompile.make_private`'s own arguments, checked before anything is calibrated or compiled.
+
+    None means "not given" for every argument but target_delta. Raises DPCompileError naming
+    the argument and its value.
+    """
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise DPCompileError(f"dpcompile.make_private: {message}")
+
+    need(max_physical_batch_size is None or (_is_int(max_physical_batch_size) and max_physical_batch_size >= 1),
+         f"max_physical_batch_size must be an int >= 1 (the most samples per micro-batch) or None (each logical "
+         f"batch in one piece), got {max_physical_batch_size!r}")
+    need(target_epsilon is None or (_is_number(target_epsilon) and target_epsilon > 0),
+         f"target_epsilon must be a positive finite number, got {target_epsilon!r}")
+    need(_is_number(target_delta) and 0 < target_delta < 1,
+         f"target_delta must be in (0, 1) (typically below 1/N for N records), got {target_delta!r}")
+    need(epochs is None or (_is_number(epochs) and epochs > 0),
+         f"epochs must be a positive finite number, got {epochs!r}")
+    need(noise_multiplier is None or (_is_number(noise_multiplier) and noise_multiplier >= 0),
+         f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    need(seed is None or _is_int(seed), f"seed must be an int or None, got {seed!r}")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise DPCompileError(f"dp backend option {message}")
 
 
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite real number (int, float, numpy scalar, ...); bools are not numbers here."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return False
+    try:
+        return math.isfinite(x)
+    except (OverflowError, TypeError, ValueError):  # an int beyond the float range
+        return False
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _to_python_numbers(values: dict[str, Any], floats: tuple[str, ...], ints: tuple[str, ...]) -> None:
+    """In place: numpy (or other numbers.Real / Integral) scalars of these keys -> float / int.
+
+    Values that are not numbers, or not finite, are left as they are, for validation to refuse
+    with the option's own message."""
+    for key in floats:
+        if key in values and _is_number(values[key]):
+            values[key] = float(values[key])
+    for key in ints:
+        if key in values and _is_int(values[key]):
+            values[key] = int(values[key])

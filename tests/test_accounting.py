@@ -328,7 +328,8 @@ def test_importing_dpcompile_and_compiling_leave_dp_accounting_unloaded_until_ep
     script = (
         "import sys, torch, dpcompile\n"
         "net = torch.nn.Linear(4, 2)\n"
-        "model = torch.compile(net, backend='dp', options={'noise_multiplier': 1.0, 'sample_rate': 0.1})\n"
+        "model = torch.compile(net, backend='dp', options={'noise_multiplier': 1.0, 'sample_rate': 0.1,\n"
+        "                                                        'expected_batch_size': 8.0})\n"
         "model(torch.randn(8, 4)).sum().backward()\n"
         "assert net.weight.grad is not None\n"
         "print('dp_accounting' in sys.modules)\n"
