@@ -29,6 +29,7 @@ from .data import CyclicBatchSampler, PoissonBatchSampler, PoissonDataLoader
 from .distributed import (check_cyclic_batches, check_in_sync, local_share, make_private_group, setup_make_private,
                           synchronize_gradients)
 from .errors import DPCompileError
+from .options import validate_make_private_args
 
 
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
@@ -47,6 +48,8 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data
     each rank clips its share of the global batch, rank 0 adds the noise, DPOptimizer.step sums
     the gradients. False: this rank trains on its own.
     """
+    validate_make_private_args(max_physical_batch_size=max_physical_batch_size, target_epsilon=target_epsilon,
+                               target_delta=target_delta, epochs=epochs, noise_multiplier=noise_multiplier, seed=seed)
     group = make_private_group(module, data_parallel)
     if noise_mechanism != "gaussian" or bands is not None:
         return _make_private_bsr(module, optimizer, data_loader, noise_mechanism, bands, max_grad_norm=max_grad_norm,
@@ -195,6 +198,9 @@ def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     (β = momentum, λ = lr·weight_decay): they only shape the factorization, never the privacy.
     """
     from . import bsr
+
+    validate_make_private_args(max_physical_batch_size=max_physical_batch_size, target_epsilon=target_epsilon,
+                               target_delta=target_delta, epochs=epochs, noise_multiplier=noise_multiplier, seed=seed)
 
     def refuse(message: str) -> None:
         raise DPCompileError(f"dpcompile.make_private(noise_mechanism='bsr'): {message}")

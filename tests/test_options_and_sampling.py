@@ -7,10 +7,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import dpcompile
+import dpcompile.engine as engine
 from dpcompile import DPCompileError
 from dpcompile.accounting import MIN_ACCOUNTED_NOISE_MULTIPLIER, epsilon
-from dpcompile.options import DPOptions
+from dpcompile.options import DPOptions, validate_make_private_args
 
 INF, NAN = float("inf"), float("nan")
 POISSON = {"sample_rate": 0.01, "expected_batch_size": 2.56}
@@ -133,3 +138,55 @@ def test_inconsistent_divisor_settings_are_refused(options, message):
 def test_bsr_with_sample_rate_still_gets_the_bsr_message():
     text = refused({"noise_mechanism": "bsr", "bsr_bands": 4, "bsr_min_separation": 3, "sample_rate": 0.1})
     assert "noise_mechanism='bsr'" in text and "Poisson" in text
+
+
+# --- C. make_private's arguments ------------------------------------------------------------
+def tiny_setup():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+    return net, torch.optim.SGD(net.parameters(), lr=0.1), DataLoader(data, batch_size=8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"noise_multiplier": 1.0, "max_physical_batch_size": 0}, "max_physical_batch_size must be an int >= 1"),
+    ({"noise_multiplier": 1.0, "max_physical_batch_size": -1}, "max_physical_batch_size must be an int >= 1"),
+    ({"noise_multiplier": 1.0, "max_physical_batch_size": 2.5}, "max_physical_batch_size"),
+    ({"noise_multiplier": 1.0, "max_physical_batch_size": True}, "max_physical_batch_size"),
+    ({"target_epsilon": 1.0, "epochs": 1, "target_delta": 0.0}, "target_delta must be in (0, 1)"),
+    ({"target_epsilon": 1.0, "epochs": 1, "target_delta": 1.0}, "target_delta"),
+    ({"target_epsilon": 0.0, "epochs": 1}, "target_epsilon must be a positive finite number"),
+    ({"target_epsilon": INF, "epochs": 1}, "target_epsilon"),
+    ({"target_epsilon": NAN, "epochs": 1}, "target_epsilon"),
+    ({"target_epsilon": 1.0, "epochs": 0}, "epochs must be a positive finite number"),
+    ({"target_epsilon": 1.0, "epochs": -2}, "epochs"),
+    ({"target_epsilon": 1.0, "epochs": INF}, "epochs"),
+    ({"noise_multiplier": INF}, "noise_multiplier must be a finite number"),
+    ({"noise_multiplier": NAN}, "noise_multiplier"),
+    ({"noise_multiplier": 1.0, "seed": 1.5}, "seed"),
+    ({"noise_multiplier": 1.0, "max_physical_batch_size": 0, "noise_mechanism": "bsr", "bands": 2},
+     "max_physical_batch_size"),
+])
+def test_make_private_refuses_bad_arguments_before_anything_is_set_up(kwargs, message, monkeypatch):
+    def must_not_run(*args, **kw):
+        raise AssertionError("make_private went past its argument checks")
+
+    monkeypatch.setattr(engine, "register_state", must_not_run)
+    monkeypatch.setattr(engine, "calibrate_noise_multiplier", must_not_run)
+    monkeypatch.setattr(torch, "compile", must_not_run)
+    net, opt, loader = tiny_setup()
+    with pytest.raises(DPCompileError, match="make_private") as info:
+        dpcompile.make_private(net, opt, loader, **kwargs)
+    assert message in str(info.value)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_make_private_keeps_accepting_ordinary_arguments():
+    net, opt, loader = tiny_setup()
+    model, dp_opt, dp_loader = dpcompile.make_private(net, opt, loader, noise_multiplier=np.float64(1.0),
+                                                      max_physical_batch_size=np.int64(4), seed=np.int64(3))
+    state = dpcompile.privacy_state(net)
+    assert state.options.expected_batch_size == pytest.approx(8.0) and state.options.sample_rate == 0.25
+    validate_make_private_args()  # all defaults
+    validate_make_private_args(max_physical_batch_size=1, target_epsilon=3.0, target_delta=1e-5, epochs=0.5,
+                               noise_multiplier=0.0, seed=0)
