@@ -14,11 +14,20 @@ sizes), so they hold for static and for symbolic batch sizes. Any op that would
 let one sample's data reach another sample's values (BatchNorm statistics, a
 softmax or reduction across the batch feeding per-sample values) is refused with
 an error naming the module and source line; so is any op without a rule.
+
+The forward graph is also checked for *model state written from batch data*
+(``check_state_writes``): a buffer, parameter or module tensor attribute whose new
+value depends on the samples (a Batched or AGG layout) or on the batch size (a
+symbolic size of the batch) is refused. Such state ends up in ``state_dict()`` and
+checkpoints holding an exact batch statistic, while the privacy guarantee covers
+only the noisy gradients. Writes from constants, from parameters or from the
+state's own old value (a step counter) are accepted.
 """
 from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from typing import Any, Callable
 
 import sympy
@@ -68,6 +77,8 @@ def run(gm: fx.GraphModule, ctx: CompileContext, which: str = "backward"):
 
     def body():
         propagate(gm.graph, ctx, which)
+        if which == "forward":
+            check_state_writes(gm.graph, ctx)
         if which == "backward":
             guard_token_means(gm.graph, ctx)
 
@@ -77,6 +88,8 @@ def run(gm: fx.GraphModule, ctx: CompileContext, which: str = "backward"):
 def propagate(graph: fx.Graph, ctx: CompileContext, which: str) -> None:
     graph.owning_module.meta["dp_batch_size"] = ctx.batch_size
     placeholders = list(graph.find_nodes(op="placeholder"))
+    if which == "forward":
+        graph.owning_module.meta[STATE_NAMES] = _state_names(placeholders, ctx)
     start = _placeholder_layouts(placeholders, ctx, which)
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -689,6 +702,309 @@ def _refuse_index(node: fx.Node) -> Any:
                "use torch.gather / index_select along a non-batch dimension")
 
 
+# --------------------------------------------------------------------------- state writes
+#
+# Model state written from batch data (an EMA of the inputs, a sample counter, BatchNorm's
+# running statistics, nn.Embedding's max_norm renormalisation) ends up in state_dict() and
+# checkpoints holding an exact batch statistic; the privacy guarantee covers only the noisy
+# gradients. The forward graph writes state three ways, all checked by `check_state_writes`:
+# an in-place op into a state placeholder (AOT keeps `copy_(buffer, new_value)` in the graph),
+# an input mutation AOT moves out of the graph (the graph's first outputs are the new values),
+# and an attribute assignment (`self.avg = ...`, which Dynamo replays after the graph from one
+# of its outputs). A write is refused when its new value carries samples (Batched or AGG
+# layout) or the batch size (a symbolic size of the batch: under Poisson sampling the batch
+# size is private too). A static batch size is a plain constant in the graph, so a write of
+# `x.shape[0]` compiled with static shapes is not caught here.
+
+STATE_NAMES = "dp_state_names"  # owning_module.meta: placeholder name -> (kind word, state name)
+_KIND_WORDS = {"param": "parameter", "buffer": "buffer"}
+_SHAPE_QUERIES = ("sym_size", "sym_stride", "sym_numel", "sym_storage_offset")
+_BATCH_NORMS = ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                "cudnn_batch_norm", "miopen_batch_norm", "batch_norm")
+
+
+class StateWriteError(DPCompileError):
+    """The forward pass writes model state (a buffer, parameter or tensor attribute) from batch data."""
+
+
+@dataclasses.dataclass
+class _Write:
+    what: str  # "buffer `avg`"
+    value: list  # the nodes the new value is computed from
+    site: fx.Node  # the node the error names (op, module, source line)
+
+
+def check_state_writes(graph: fx.Graph, ctx: CompileContext) -> None:
+    """Refuse writes of model state whose new value depends on the samples or on the batch size."""
+    sized = _size_dependent(graph, _batch_symbols(ctx))
+    for write in _state_writes(graph):
+        if any(_carries_samples(v) for v in write.value):
+            raise _state_write_error(write, "depends on the samples' data")
+        if any(v in sized for v in write.value):
+            raise _state_write_error(write, "depends on the batch size, which is private under Poisson sampling "
+                                            "(a release must not reveal it)")
+
+
+def _state_write_error(write: _Write, reason: str) -> StateWriteError:
+    msg = (f"dpcompile: the forward pass writes {write.what} from batch data: {describe_node(write.site)} "
+           f"computes its new value, which {reason}. The model's state_dict() and checkpoints would hold that "
+           "value exactly, while the privacy guarantee covers only the noisy gradients, so it is refused. Fix: keep "
+           "batch statistics out of module state (return them from forward() if the training loop needs them), "
+           "or make them private by other means; computing them under torch.no_grad() or outside the private "
+           "model does not make them private.")
+    if _from_batch_norm(write.value):
+        msg += (" For BatchNorm, use nn.GroupNorm or nn.LayerNorm instead (dpcompile.fix makes that "
+                "replacement), or call .eval() on the BatchNorm layers to use fixed running statistics.")
+    return StateWriteError(msg)
+
+
+def _state_writes(graph: fx.Graph) -> list[_Write]:
+    """Every write of model state in the forward graph, in graph order, then out-of-graph ones."""
+    names = graph.owning_module.meta.get(STATE_NAMES, {})
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    return (_in_graph_writes(graph, names) + _returned_mutations(graph, placeholders, names)
+            + _attribute_assignments(graph, placeholders))
+
+
+def _in_graph_writes(graph: fx.Graph, names: dict) -> list[_Write]:
+    writes = []
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for dest in _written_args(node):
+            base = _view_base(dest)
+            if base.op == "placeholder" and base.name in names:
+                value = [a for a in node.all_input_nodes if a is not dest]
+                first = [node.args[1]] if node.target is aten.copy_.default else [node]
+                writes.append(_Write(_label(names[base.name]), value, _site(first + value, node)))
+    return writes
+
+
+def _returned_mutations(graph: fx.Graph, placeholders: list[fx.Node], names: dict) -> list[_Write]:
+    """Input mutations AOT keeps out of the graph: its first outputs are the inputs' new values."""
+    meta = _fw_metadata()
+    if meta is None:
+        return []
+    outputs = list(graph.output_node().args[0])
+    writes = []
+    for out, index in zip(outputs, meta.mutated_inp_runtime_indices):
+        p = placeholders[index] if index < len(placeholders) else None
+        if p is not None and p.name in names and isinstance(out, fx.Node):
+            writes.append(_Write(_label(names[p.name]), [out], out))
+    return writes
+
+
+def _attribute_assignments(graph: fx.Graph, placeholders: list[fx.Node]) -> list[_Write]:
+    """`self.avg = value` (and register_buffer in forward): Dynamo stores one of the graph's
+    outputs (or inputs) on the module after the graph has run."""
+    tx = _dynamo_tx()
+    if tx is None:
+        return []
+    try:
+        dynamo_graph = tx.output.graph
+        dynamo_outputs = list(dynamo_graph.find_nodes(op="output")[0].args[0])
+        dynamo_inputs = list(dynamo_graph.find_nodes(op="placeholder"))
+        stored = list(_stored_on_modules(tx))
+    except Exception as exc:  # a Dynamo version whose side-effect records look different
+        raise StateWriteError(f"dpcompile: cannot read which module attributes the forward pass assigns "
+                              f"({type(exc).__name__}: {exc}), so it cannot check them for batch data; refusing "
+                              "rather than guessing") from exc
+    meta = _fw_metadata()
+    skip = meta.num_mutated_inp_runtime_indices if meta is not None else 0
+    outputs = list(graph.output_node().args[0])
+    writes = []
+    for what, node in stored:
+        if node in dynamo_outputs and skip + dynamo_outputs.index(node) < len(outputs):
+            target = outputs[skip + dynamo_outputs.index(node)]
+        elif node in dynamo_inputs and len(dynamo_inputs) == len(placeholders):
+            target = placeholders[dynamo_inputs.index(node)]
+        else:
+            continue
+        if isinstance(target, fx.Node):
+            writes.append(_Write(what, [target], target))
+    return writes
+
+
+def _stored_on_modules(tx: Any):
+    """(what, Dynamo graph node) for each tensor the traced code assigned to a module attribute."""
+    from torch._dynamo.variables.lazy import LazyVariableTracker
+
+    effects = tx.output.side_effects
+    for var in list(effects.id_to_variable.values()):
+        if not effects.is_modified(var) or getattr(var, "source", None) is None:
+            continue  # objects created inside the graph are not model state
+        if isinstance(getattr(var, "value", None), torch.nn.Module):
+            prefix, items = _state_path(var.source.name), effects.store_attr_mutations.get(var, {}).items()
+            kind = "attribute"
+        elif getattr(var.source, "member", None) in ("_buffers", "_parameters") and hasattr(var, "items"):
+            prefix = _state_path(var.source.base.name)
+            items = [(key.vt.as_python_constant(), vt) for key, vt in var.items.items()]
+            kind = "buffer" if var.source.member == "_buffers" else "parameter"
+        else:
+            continue
+        for attr, vt in items:
+            if isinstance(vt, LazyVariableTracker) and not vt.is_realized():
+                continue  # never touched by the traced code
+            proxy = getattr(vt, "proxy", None)
+            if isinstance(getattr(proxy, "node", None), fx.Node):
+                yield f"{kind} `{'.'.join(p for p in (prefix, str(attr)) if p)}`", proxy.node
+
+
+def _state_names(placeholders: list[fx.Node], ctx: CompileContext) -> dict[str, tuple[str, str]]:
+    """The forward placeholders that hold model state: name -> ("buffer", "bn.running_mean")."""
+    sources = _dynamo_input_sources(len(placeholders))
+    names = {}
+    for i, (p, kind) in enumerate(zip(placeholders, ctx.input_kinds)):
+        if kind in _KIND_WORDS:
+            names[p.name] = (_KIND_WORDS[kind], ctx.param_names.get(i, p.name))
+        elif kind in ("free", "batched") and sources is not None and _is_module_attribute(sources[i]):
+            names[p.name] = ("tensor attribute", _state_path(sources[i].name))
+    return names
+
+
+def _dynamo_input_sources(count: int) -> list | None:
+    """Dynamo's source of each graph input (L['self'].cache, L['x']...), when Dynamo is tracing."""
+    tx = _dynamo_tx()
+    if tx is None:
+        return None
+    inputs = list(tx.output.graph.find_nodes(op="placeholder"))
+    if len(inputs) != count:
+        return None
+    return [getattr(p.meta.get("grapharg"), "source", None) for p in inputs]
+
+
+def _is_module_attribute(source: Any) -> bool:
+    """L['self'].cache, L['self']._modules['fc'].cache: a tensor attribute of a module (not of
+    a user input such as a batch dataclass)."""
+    from torch._dynamo.source import AttrSource
+
+    return isinstance(source, AttrSource) and "NNModuleSource" in type(getattr(source, "base", None)).__name__
+
+
+def _state_path(source_name: str) -> str:
+    """L['self']._modules['fc']._buffers['avg'] -> fc.avg."""
+    path = re.sub(r"^L\['[^']*'\]", "", source_name)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+def _dynamo_tx() -> Any:
+    """The Dynamo frame being compiled (the passes run inside its backend call), or None."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx()
+    except (ImportError, AttributeError):
+        return None
+
+
+def _fw_metadata() -> Any:
+    tracing = torch._guards.TracingContext.try_get()
+    return getattr(tracing, "fw_metadata", None)
+
+
+def _label(kind_and_name: tuple[str, str]) -> str:
+    return f"{kind_and_name[0]} `{kind_and_name[1]}`"
+
+
+def _written_args(node: fx.Node) -> list[fx.Node]:
+    """The arguments an op writes (Tensor(a!) in its schema)."""
+    out = []
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            out.extend(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, fx.Node))
+    return out
+
+
+def _view_base(node: fx.Node) -> fx.Node:
+    while (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+           and node.target.is_view and isinstance(node.args[0], fx.Node)):
+        node = node.args[0]
+    return node
+
+
+def _site(candidates: list, fallback: fx.Node) -> fx.Node:
+    """The first candidate with a user source line (AOT's epilogue copies have none)."""
+    return next((c for c in candidates if isinstance(c, fx.Node) and c.meta.get("stack_trace")), fallback)
+
+
+def _carries_samples(node: Any) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    lay = layout_of(node)
+    return any(l is not FREE for l in (lay if isinstance(lay, (tuple, list)) else [lay]))
+
+
+def _batch_symbols(ctx: CompileContext) -> set:
+    return set(getattr(ctx.batch_size, "free_symbols", ()) or ())
+
+
+def _size_dependent(graph: fx.Graph, symbols: set) -> set[fx.Node]:
+    """Nodes whose value depends on the symbolic batch size: sizes whose expression holds
+    it, tensors whose shape does, and everything computed from either. A shape query
+    (sym_size...) depends only on its own expression: x.shape[1] of a batched x is not B."""
+    if not symbols:
+        return set()
+    out: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        query = getattr(getattr(node.target, "overloadpacket", None), "__name__", "") in _SHAPE_QUERIES
+        if _mentions(node.meta.get("val"), symbols) or (not query and any(a in out for a in node.all_input_nodes)):
+            out.add(node)
+    return out
+
+
+def _mentions(val: Any, symbols: set) -> bool:
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return bool(val.node.expr.free_symbols & symbols)
+    if isinstance(val, torch.Tensor):
+        return any(_mentions(s, symbols) for s in val.shape)
+    if isinstance(val, (list, tuple)):
+        return any(_mentions(v, symbols) for v in val)
+    return False
+
+
+def _from_batch_norm(nodes: list) -> bool:
+    """Whether a batch norm computed any of `nodes` (its running statistics)."""
+    seen, todo = set(), [n for n in nodes if isinstance(n, fx.Node)]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if getattr(getattr(node.target, "overloadpacket", None), "__name__", "") in _BATCH_NORMS:
+            return True
+        todo.extend(node.all_input_nodes)
+    return False
+
+
+def _in_place(node: fx.Node) -> Any:
+    """In-place ops in a functionalized graph: AOT's copy of a mutated input's new value into
+    the input. Writes into a per-sample input are pointwise; writes into model state are
+    checked by check_state_writes (the value written is AGG if it carries samples)."""
+    if isinstance(layout_of(node.args[0]), Batched):
+        return _pointwise(node)
+    return AGG if batched_args(node) else _free_or_agg(node)
+
+
+def _embedding_renorm(node: fx.Node) -> Any:
+    """nn.Embedding(max_norm=...): renormalises, in place, the rows the indices look up."""
+    weight, indices = node.args[0], node.args[1]
+    if layout_of(indices) is FREE and layout_of(weight) is FREE:
+        return FREE
+    names = node.graph.owning_module.meta.get(STATE_NAMES, {})
+    base = _view_base(weight) if isinstance(weight, fx.Node) else None
+    what = _label(names[base.name]) if base is not None and base.name in names else "the embedding table"
+    raise StateWriteError(
+        f"dpcompile: {describe_node(node)} writes {what} from batch data: max_norm renormalises the rows this "
+        "batch looked up, which reveals them (the new weights record which tokens the batch used, and the "
+        "privacy guarantee covers only the noisy gradients), so it is refused. Fix: drop max_norm, or "
+        "renormalise all rows under torch.no_grad() after each optimizer step.")
+
+
 def _packets(*names: str) -> list[Any]:
     out = []
     for name in names:
@@ -755,6 +1071,7 @@ _register(_factory, "full", "zeros", "ones", "empty", "empty_strided", "arange",
 _register(_index, "index", "_unsafe_index")
 _register(_index_put, "index_put", "_unsafe_index_put")
 _register(_refuse_index, "masked_select", "nonzero")
+_register(_embedding_renorm, "embedding_renorm", "embedding_renorm_")
 _register(_pointwise, "where", "masked_fill", "clamp", "clamp_min", "clamp_max", "lerp", "addcmul", "addcdiv",
           "threshold_backward", "gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
           "hardtanh_backward", "leaky_relu_backward", "elu_backward", "softplus_backward", "mish_backward",
@@ -780,6 +1097,8 @@ def _infer(node: fx.Node, ctx: CompileContext) -> Any:
             raise _mix(node, "is not an aten op and takes per-sample tensors")
         return FREE
     rule = RULES.get(target.overloadpacket)
+    if rule is None and torch.Tag.inplace in target.tags:
+        rule = _in_place
     if rule is None and target.namespace == "prims":
         rule = _PRIMS.get(target.overloadpacket.__name__)
     if rule is None and torch.Tag.pointwise in target.tags:
