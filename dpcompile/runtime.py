@@ -36,7 +36,7 @@ class OwnParametersOnly:
                     "Give each private model its own options (dpcompile.make_private does), e.g. a different "
                     "seed, or call torch._dynamo.reset() before compiling the second model.")
         outputs = self.compiled(args)
-        if self.state is not None and torch.is_grad_enabled():
+        if self.state is not None:  # a training forward (AOT runs it under no_grad)
             _mark_forward(outputs, args, self.state)
         return outputs
 

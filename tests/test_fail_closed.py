@@ -1,0 +1,258 @@
+"""The privacy boundary: every path around the dp graphs is refused before p.grad and before a
+step is counted, or gives the float64 oracle's result. One test (at least) per class of leak."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dpcompile
+from dpcompile import DPCompileError
+
+R = 1.5
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batch(b: int = 6):
+    torch.manual_seed(1)
+    return torch.randn(b, 4) * torch.linspace(0.05, 4.0, b)[:, None], torch.randint(0, 3, (b,))
+
+
+def oracle(model: nn.Module, x, y, max_grad_norm: float = R) -> list[torch.Tensor]:
+    """Σ_i clip(∇ℓ_i) / B in float64 from torch.func per-sample gradients (ℓ_i = cross-entropy of sample i)."""
+    from torch.func import functional_call, grad, vmap
+
+    ref = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(ref, p, (xi[None],)), yi[None])
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.double(), y)
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per.values()))
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).any() and (factors == 1).any(), "want some samples clipped and some not"
+    return [(factors.view(-1, *[1] * (g.dim() - 1)) * g).sum(0) / x.shape[0] for g in per.values()]
+
+
+def grads_of(model: nn.Module) -> list:
+    return [p.grad for p in model.parameters()]
+
+
+def assert_nothing_released(net: nn.Module) -> None:
+    assert all(p.grad is None for p in net.parameters())
+    assert dpcompile.privacy_state(net).steps == 0
+
+
+OPTIONS = {"noise_multiplier": 0.0, "max_grad_norm": R}
+
+
+# -- 1. parameters no dp graph handles --------------------------------------------------------
+
+def test_dynamo_disabled_is_refused_before_any_gradient(monkeypatch):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    net = mlp()
+    model = torch.compile(net, backend="dp", options=dict(OPTIONS))
+    x, y = batch()
+    with pytest.raises(DPCompileError, match="Dynamo is disabled"):
+        F.cross_entropy(model(x), y).backward()
+    assert_nothing_released(net)
+
+
+def test_a_forward_dynamo_skips_is_refused_by_parameter_name():
+    class Skipped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        @torch._dynamo.disable
+        def forward(self, x):
+            return self.fc(x)
+
+    net = Skipped()
+    x, y = batch()
+    with pytest.raises(DPCompileError, match=r"Skipped\.fc\.(weight|bias).*outside the dp-compiled graphs"):
+        F.cross_entropy(torch.compile(net, backend="dp", options=dict(OPTIONS))(x), y).backward()
+    assert_nothing_released(net)
+
+
+def test_a_full_backward_hook_makes_dynamo_run_eagerly_and_is_refused():
+    net = mlp()
+    net[0].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    x, y = batch()
+    with pytest.raises(DPCompileError, match="outside the dp-compiled graphs"):
+        F.cross_entropy(torch.compile(net, backend="dp", options=dict(OPTIONS))(x), y).backward()
+    assert_nothing_released(net)
+
+
+def test_a_refusal_suppressed_into_an_eager_fallback_is_raised_anyway():
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x, y = batch()
+    with torch._dynamo.config.patch(suppress_errors=True), pytest.raises(DPCompileError, match="BatchNorm"):
+        F.cross_entropy(torch.compile(net, backend="dp", options=dict(OPTIONS))(x), y).backward()
+    assert_nothing_released(net)
+
+
+def test_a_tensor_hook_registered_before_compile_sees_the_clipped_gradient():
+    net = mlp()
+    seen = []
+    net[0].weight.register_hook(lambda g: seen.append(g.clone()) or g * 2)
+    x, y = batch()
+    expected = oracle(net, x, y)
+    F.cross_entropy(torch.compile(net, backend="dp", options=dict(OPTIONS))(x), y).backward()
+    torch.testing.assert_close(seen[0].double(), expected[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(net[0].weight.grad.double(), 2 * expected[0], rtol=1e-4, atol=1e-6)
+    for got, want in zip(grads_of(net)[1:], expected[1:]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+# -- 5. the release protocol ---------------------------------------------------------------
+
+def test_micro_steps_leave_p_grad_untouched_and_the_release_equals_the_whole_batch():
+    net = mlp()
+    x, y = batch(6)
+    expected = oracle(net, x, y)
+    model = torch.compile(net, backend="dp", options=dict(OPTIONS, expected_batch_size=6))
+    state = dpcompile.privacy_state(net)
+    state.release_next = False
+    F.cross_entropy(model(x[:3]), y[:3], reduction="sum").div(3).backward()
+    assert all(p.grad is None for p in net.parameters()) and state.steps == 0  # nothing readable
+    state.release_next = True
+    F.cross_entropy(model(x[3:]), y[3:], reduction="sum").div(3).backward()
+    assert state.steps == 1
+    for got, want in zip(grads_of(net), expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_accumulation_flag_left_off_never_releases():
+    net = mlp()
+    model = torch.compile(net, backend="dp", options=dict(OPTIONS))
+    dpcompile.privacy_state(net).release_next = False
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    for _ in range(3):
+        x, y = batch()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert_nothing_released(net)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_a_second_backward_through_the_same_forward_is_refused():
+    net = mlp()
+    model = torch.compile(net, backend="dp", options=dict(OPTIONS))
+    x, y = batch()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    released = [p.grad.clone() for p in net.parameters()]
+    with pytest.raises(DPCompileError, match="second backward"):
+        loss.backward()
+    assert dpcompile.privacy_state(net).steps == 1
+    assert all(torch.equal(a, p.grad) for a, p in zip(released, net.parameters()))
+    F.cross_entropy(model(x), y).backward()  # a new forward is fine
+    assert dpcompile.privacy_state(net).steps == 2
+
+
+def test_make_private_loader_abandoned_mid_batch_does_not_leak_into_the_next_release():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    net = mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    model, opt, loader = dpcompile.make_private(net, opt, DataLoader(data, batch_size=32), noise_multiplier=1.0,
+                                                max_physical_batch_size=4)
+    state = dpcompile.privacy_state(net)
+    for x, y in loader:  # the first micro-batch of the first logical batch, then abandon
+        F.cross_entropy(model(x), y).backward()
+        break
+    assert state.accumulating and state.steps == 0
+    iter(loader).__next__()  # a new pass starts a new logical batch
+    assert not state.accumulating
+
+
+# -- 7. randomness and checkpoints -----------------------------------------------------------
+
+def test_the_noise_seed_is_secret_drawn_from_os_entropy_and_kept_out_of_checkpoints():
+    seeds = set()
+    for _ in range(3):
+        net = mlp()
+        torch.compile(net, backend="dp", options=dict(OPTIONS))
+        state = dpcompile.privacy_state(net)
+        seeds.add(state.seed)
+        public = state.state_dict()
+        assert "seed" not in public and "seed" not in public["options"]
+        assert state.secret_state_dict()["seed"] == state.seed
+    assert len(seeds) == 3
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    assert str(state.seed) not in repr(net.state_dict()) + repr(opt.state_dict()) + repr(state)
+
+
+def test_a_public_state_cannot_be_loaded_as_a_secret_one_or_vice_versa():
+    net = mlp()
+    torch.compile(net, backend="dp", options=dict(OPTIONS))
+    state = dpcompile.privacy_state(net)
+    with pytest.raises(DPCompileError):
+        state.load_state_dict(state.secret_state_dict())
+    with pytest.raises(DPCompileError):
+        state.load_secret_state_dict(state.state_dict())
+
+
+# -- 10. one privacy state per model ------------------------------------------------------------
+
+def test_two_models_compiled_with_one_options_dict_keep_their_own_state():
+    options = dict(OPTIONS)
+    a, b = mlp(), mlp()
+    x, y = batch()
+    for net in (a, b, a, a):
+        F.cross_entropy(torch.compile(net, backend="dp", options=options)(x), y).backward()
+    assert dpcompile.privacy_state(a) is not dpcompile.privacy_state(b)
+    assert (dpcompile.privacy_state(a).steps, dpcompile.privacy_state(b).steps) == (3, 1)
+
+
+def test_recompiling_a_trained_model_with_other_privacy_options_is_refused():
+    net = mlp()
+    x, y = batch()
+    F.cross_entropy(torch.compile(net, backend="dp", options=dict(OPTIONS))(x), y).backward()
+    with pytest.raises(DPCompileError, match="already released 1 private steps"):
+        torch.compile(net, backend="dp", options=dict(OPTIONS, max_grad_norm=2.0))
+
+
+def test_a_deep_copy_of_a_compiled_private_model_does_not_train_under_the_original_state():
+    net = mlp()
+    model = torch.compile(net, backend="dp", options=dict(OPTIONS))
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    with pytest.raises(DPCompileError):
+        F.cross_entropy(twin(x), y).backward()
+    assert all(p.grad is None for p in twin._orig_mod.parameters())
+    assert dpcompile.privacy_state(net).steps == 1
+
+
+# -- 11. catchable errors ----------------------------------------------------------------
+
+def test_a_refusal_is_a_dpcompile_error_not_a_backend_compiler_failure():
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    x, y = batch()
+    try:
+        torch.compile(net, backend="dp", options=dict(OPTIONS))(x)
+    except DPCompileError as error:
+        first = str(error).splitlines()[0]
+        assert "BatchNorm" in first and "1 (BatchNorm1d)" in first and "GroupNorm" in first
+        assert not isinstance(error, torch._dynamo.exc.BackendCompilerFailed)
+    else:
+        pytest.fail("BatchNorm in training was not refused")
+
+
+def test_invalid_options_are_refused_at_torch_compile_time():
+    with pytest.raises(DPCompileError, match="max_grad_norm"):
+        torch.compile(mlp(), backend="dp", options={"max_grad_norm": -1.0})
