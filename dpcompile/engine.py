@@ -29,6 +29,7 @@ from .data import CyclicBatchSampler, PoissonBatchSampler, PoissonDataLoader
 from .distributed import (check_cyclic_batches, check_in_sync, local_share, make_private_group, setup_make_private,
                           synchronize_gradients)
 from .errors import DPCompileError
+from .state import stream_seed
 from .options import validate_make_private_args
 
 
@@ -73,6 +74,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data
                            sample_rate=sample_rate, expected_batch_size=sample_rate * n, seed=seed,
                            accountant=accountant)
     state = register_state(backend_options, module)
+    state.sampling_audit = None  # make_private draws the Poisson batches itself
     if group is not None:  # same seed (hence the same Poisson batches) and parameters on every rank
         setup_make_private(state, module, group)
     model = torch.compile(module, backend="dp", options=backend_options)
@@ -155,7 +157,11 @@ class DPDataLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Any]:
+        # Each pass draws from the secret seed and the step it starts at: a resumed run goes on with
+        # fresh batches instead of replaying the ones it already used.
+        self.sampler.generator.manual_seed(stream_seed(self.state.seed, self.state.steps, "poisson-batches"))
         for indices in self.sampler:
+            self.state.discard_accumulation()  # a logical batch abandoned half-way is never released
             if not indices:
                 self.optimizer.noise_only_step()  # identical on every rank: no communication
                 continue
@@ -242,6 +248,7 @@ def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                            bsr_weight_decay=weight_decay, bsr_min_separation=num_batches,
                            expected_batch_size=n / num_batches, seed=seed, accountant=accountant)
     state = register_state(backend_options, module)
+    state.cyclic_batches_verified = True  # make_private draws the cyclic batches itself
     if group is not None:  # same seed (hence the same cyclic partition) and parameters on every rank
         setup_make_private(state, module, group)
         check_cyclic_batches(state, n, num_batches)
@@ -296,6 +303,7 @@ class CyclicDPDataLoader:
             indices = local_share(self.state, self.sampler.batch(step))  # data-parallel: every W-th sample
             chunk = self.max_physical or len(indices)
             parts = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
+            self.state.discard_accumulation()  # a logical batch abandoned half-way is never released
             for k, part in enumerate(parts):
                 self.state.release_next = k == len(parts) - 1
                 yield _mark_batch_dynamic(self.collate_fn([self.dataset[i] for i in part]))

@@ -57,6 +57,7 @@ class PrivacyState:
         self.compiled_module: Any = lambda: None  # weakref to torch.compile's wrapper (FSDP2 may shard it)
         self.refusal: DPCompileError | None = None  # the backend's last refusal (suppress_errors may hide it)
         self.no_graph_reason: str | None = None  # why no dp graph can exist (Dynamo disabled)
+        self.cyclic_batches_verified = False  # BSR: set by make_private, whose loader draws the cyclic batches
         self.needs_secret = False  # a resumed run whose mechanism needs its secret state back (BSR)
         self.loss_verdict: str | None = None  # how the loss of the coming backward combines samples
         self._task: int | None = None
@@ -66,6 +67,9 @@ class PrivacyState:
         self._accumulated: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(param) -> (param, clipped sum)
         self.graph_gradients: dict[int, list[tuple[torch.Tensor, int]]] = {}  # id(param) -> (grad, version)
         self._zeros: dict[tuple, torch.Tensor] = {}
+        self._samples_pending = 0  # samples of the micro-steps since the last release
+        self._samples_noted = False  # this backward's batch size is counted
+        self.sampling_audit = _poisson_audit(options)  # plain API: do the batch sizes look Poisson-sampled?
         self.bsr = self._make_correlated_noise(options)  # None unless noise_mechanism == "bsr"
         self.lsg = LSGProjector(options.lsg, options.seed) if options.lsg is not None else None
 
@@ -160,18 +164,38 @@ class PrivacyState:
         task = torch._C._current_graph_task_id()
         if task != self._task:
             self._task, self._runs_in_task, self._pending, self.graph_gradients = task, [], [], {}
-            self._micro_sums = []
+            self._micro_sums, self._samples_noted = [], False
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         self._check_releasable()
         self._runs_in_task.append(ctx)
 
     def _check_releasable(self) -> None:
+        if self.bsr is not None and not self.cyclic_batches_verified:
+            raise DPCompileError(
+                "dpcompile: noise_mechanism='bsr' through torch.compile: BSR's accounting assumes each example takes "
+                "part at most once every bsr_min_separation steps (fixed-order cyclic batches), which the compiled "
+                "model cannot see or check (a reshuffling DataLoader breaks it). Use dpcompile.make_private(..., "
+                "noise_mechanism='bsr', bands=p), whose loader draws the cyclic batches; nothing was released")
         if self.needs_secret:
             raise DPCompileError(
                 "dpcompile: this run was resumed from a public privacy state without its secret part, and "
                 f"noise_mechanism={self.options.noise_mechanism!r} needs it (the BSR noise history): a fresh history "
                 "would break the correlated noise of the steps already released. Load it with "
                 "dpcompile.privacy_state(model).load_secret_state_dict(torch.load(secret_path)); nothing was released")
+
+    def note_samples(self, count: int) -> None:
+        """This backward's batch size (once per backward, whatever number of graphs it runs). At a
+        release, the logical batch (micro-steps included) must look Poisson-sampled: checked before
+        any gradient is handed back."""
+        if self._samples_noted:
+            return
+        self._samples_noted = True
+        if count == 0:
+            raise DPCompileError(
+                "dpcompile: a batch of 0 samples reached the private backward; an empty Poisson draw must release "
+                "pure noise (dpcompile.make_private's loader does it), not a gradient of nothing. Nothing was released")
+        if self.release_next and self.sampling_audit is not None and getattr(self, "data_parallel", None) is None:
+            self.sampling_audit.observe(self._samples_pending + count)
 
     def route_gradients(self, ctx: Any, grads: list[Any]) -> list[Any]:
         """What a graph's backward hands autograd: at a release, each parameter's gradient plus
@@ -195,6 +219,11 @@ class PrivacyState:
     def discard_accumulation(self) -> None:
         """Forget the clipped sums of micro-steps not yet released (a new logical batch starts)."""
         self._accumulated = {}
+        self._samples_pending = 0
+
+    @staticmethod
+    def _batch_of(runs: list[Any]) -> int:
+        return max((int(c.last_batch) for c in runs if getattr(c, "last_batch", None) is not None), default=0)
 
     @property
     def accumulating(self) -> bool:
@@ -222,6 +251,7 @@ class PrivacyState:
             self._release_deferred(pending)
         for param, grad in micro:
             self._accumulate(param, grad)
+        self._samples_pending = 0 if self.release_next else self._samples_pending + self._batch_of(runs)
         self.last_backward_released = self.release_next
         if self.release_next:
             self._refuse_unreleased_sums(runs)
@@ -287,7 +317,7 @@ class PrivacyState:
             raise DPCompileError(
                 f"dpcompile: per-sample gradient norm is NaN/inf for sample(s) {bad[:10]} of this batch; "
                 "no gradient was released. Check the inputs and loss of those samples (or lower the learning "
-                "rate / use gradient-safe ops); set options={'check_finite': False} to skip this check.")
+                "rate / use gradient-safe ops).")
 
     def record_release(self, count: int = 1) -> None:
         self.steps += count
@@ -326,7 +356,9 @@ class PrivacyState:
         Whoever holds it can regenerate the noise and subtract it: store it apart from the model
         and optimizer checkpoints, readable only by the training job."""
         return {"format": "dpcompile-secret-1", "seed": self.seed,
-                "bsr": self.bsr.state_dict() if self.bsr is not None else None}
+                "bsr": self.bsr.state_dict() if self.bsr is not None else None,
+                # batch sizes depend on who is in the data set: secret as well
+                "sampling_audit": self.sampling_audit.state_dict() if self.sampling_audit is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the accounting from a public part (`state_dict`)."""
@@ -363,6 +395,8 @@ class PrivacyState:
         self.seed = int(state["seed"])
         if self.lsg is not None:
             self.lsg.seed = self.seed
+        if self.sampling_audit is not None and state.get("sampling_audit") is not None:
+            self.sampling_audit.load_state_dict(state["sampling_audit"])
         self.needs_secret = False
 
     def _check_mechanism_options(self, saved: dict[str, Any]) -> None:
@@ -391,6 +425,14 @@ def guard_parameters(params) -> None:
             handle = p.register_hook(functools.partial(_check_incoming_gradient, weakref.ref(p)))
             _run_first(p, handle.id)
             setattr(p, GUARD_ATTR, True)
+
+
+def _poisson_audit(options: DPOptions):
+    from .data import PoissonAudit
+
+    if options.sample_rate is None or options.expected_batch_size is None or options.noise_mechanism != "gaussian":
+        return None
+    return PoissonAudit(options.sample_rate, options.expected_batch_size)
 
 
 def _run_first(param: torch.Tensor, hook_id: int) -> None:

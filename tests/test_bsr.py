@@ -263,6 +263,7 @@ def test_compiled_bsr_clips_like_the_oracle_and_adds_c_inverse_noise():
     opts = {"noise_mechanism": "bsr", "bsr_bands": 3, "bsr_momentum": 0.9, "bsr_min_separation": 2,
             "max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "seed": 11}
     compiled = torch.compile(model, backend="dp", options=opts)
+    dpcompile.privacy_state(model).cyclic_batches_verified = True  # the test vouches for the schema
     clipped, norms = oracle_clipped_sum(model, x, y, R)
     assert (norms > R).all()
     clean = torch.cat([clipped[name].flatten() for name, _ in model.named_parameters()]) / EBS
@@ -291,6 +292,7 @@ def test_graph_break_path_uses_the_same_correlated_noise():
     opts = {"noise_mechanism": "bsr", "bsr_bands": 2, "bsr_max_participations": 1,
             "max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "seed": 5}
     compiled = torch.compile(model, backend="dp", options=opts)
+    dpcompile.privacy_state(model).cyclic_batches_verified = True  # the test vouches for the schema
     clipped, _ = oracle_clipped_sum(model, x, y, R)
     got = []
     for _ in range(3):
@@ -378,6 +380,9 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
     train(net, model, opt, loader)
     train(net, model, opt, loader, stop_at=7)  # killed mid-epoch 2 (5 batches an epoch)
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    secret = dpcompile.privacy_state(net).secret_state_dict()  # seed and noise history: saved apart
+    torch.save(secret, tmp_path / "secret.pt")
+    assert "seed" not in repr(opt.state_dict()["privacy"])
     del net, model, opt, loader  # "killed"
     torch._dynamo.reset()
 
@@ -385,6 +390,10 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     net.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["optimizer"])
+    with pytest.raises(dpcompile.DPCompileError, match="secret part"):  # the noise history is still missing
+        train(net, model, opt, loader)
+    assert all(p.grad is None for p in net.parameters())
+    dpcompile.privacy_state(net).load_secret_state_dict(torch.load(tmp_path / "secret.pt", weights_only=False))
     assert len(loader) == 3  # the rest of epoch 2
     resumed = train(net, model, opt, loader) + train(net, model, opt, loader)
     assert len(resumed) == 8
@@ -405,6 +414,17 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
 def test_invalid_bsr_options_are_refused(options, message):
     with pytest.raises(DPCompileError, match=message):
         DPOptions.from_dict(options)
+
+
+def test_plain_api_bsr_is_refused_before_any_release():
+    """torch.compile cannot see whether the batches are cyclic: BSR goes through make_private."""
+    model = MLP()
+    x, y = MLP.batch(6)
+    opts = {"noise_mechanism": "bsr", "bsr_bands": 3, "bsr_min_separation": 2, "max_grad_norm": R,
+            "noise_multiplier": SIGMA, "expected_batch_size": EBS}
+    with pytest.raises(dpcompile.DPCompileError, match="make_private"):
+        batch_loss(torch.compile(model, backend="dp", options=opts)(x), y).backward()
+    assert all(p.grad is None for p in model.parameters()) and dpcompile.privacy_state(model).steps == 0
 
 
 def test_make_private_refuses_poisson_loaders_and_missing_bands():
