@@ -163,8 +163,8 @@ def bench_compile(args):
 def bench_dpcompile(args, strategy, budget_mb=None):
     net = make_model(args)
     budget_mb = args.memory_budget_mb if budget_mb is None else budget_mb
-    opts = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 0.01, "strategy": strategy,
-            "check_finite": False, "mode": args.compile_mode}
+    opts = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 0.01,
+            "expected_batch_size": args.batch, "strategy": strategy, "mode": args.compile_mode}
     if budget_mb is not None:
         opts["memory_budget_mb"] = budget_mb
     opts.update(json.loads(args.dp_options or "{}"))
@@ -257,7 +257,8 @@ def warm_compiler(device: str, dp: bool) -> None:
     one-time start-up (imports, compile workers, first traces, lookup tables) would otherwise
     land in the first mode's first-step time, so the first-step column compares per-model work."""
     backends = [{}] + ([{"backend": "dp", "options": {"max_grad_norm": 1.0, "noise_multiplier": 1.0,
-                                                      "sample_rate": 0.01}}] if dp else [])
+                                                      "sample_rate": 0.01, "expected_batch_size": 2}}]
+                                                      if dp else [])
     for kwargs in backends:
         layer = nn.Linear(8, 8).to(device)
         torch.compile(layer, **kwargs)(torch.randn(4, 8, device=device)).sum().backward()

@@ -1,6 +1,6 @@
 """The model behind docs/graph_mlp.svg and docs/report_mlp.html; regenerate them with
 
-    dpcompile inspect docs/make_figures.py:TinyMLP --input-shape 8,10 --option sample_rate=0.01 \
+    dpcompile inspect docs/make_figures.py:TinyMLP --input-shape 8,10 --option sample_rate=0.01 --option dataset_size=800 \
         --svg docs/graph_mlp.svg --html docs/report_mlp.html
 """
 import torch.nn as nn

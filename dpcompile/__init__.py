@@ -1,7 +1,8 @@
 """dpcompile: differentially private training as a torch.compile backend.
 
     model = torch.compile(net, backend="dp", options={"max_grad_norm": 1.0,
-                                                     "noise_multiplier": 1.0, "sample_rate": q})
+                                                     "noise_multiplier": 1.0, "sample_rate": q,
+                                                     "dataset_size": N})
     loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
     dpcompile.privacy_spent(model, delta=1e-5)
 """

@@ -67,6 +67,7 @@ class PrivacyState:
         self._accumulated: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(param) -> (param, clipped sum)
         self.graph_gradients: dict[int, list[tuple[torch.Tensor, int]]] = {}  # id(param) -> (grad, version)
         self._zeros: dict[tuple, torch.Tensor] = {}
+        self._record: dict[str, Any] | None = None  # see checkpoint_record
         self._samples_pending = 0  # samples of the micro-steps since the last release
         self._samples_noted = False  # this backward's batch size is counted
         self.sampling_audit = _poisson_audit(options)  # plain API: do the batch sizes look Poisson-sampled?
@@ -323,6 +324,21 @@ class PrivacyState:
         self.steps += count
         if self.options.sample_rate is not None and self.options.noise_multiplier > 0:
             self.accountant.step(self.options.noise_multiplier, self.options.sample_rate, count)
+        self._update_checkpoint_record()
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """A live plain dict of the accounting (steps, accountant history), kept in the param group of
+        every optimizer that steps this model's parameters, so that ``optimizer.state_dict()``, the
+        checkpoint users already save, carries it (`dpcompile.checkpoint`)."""
+        if self._record is None:
+            self._record = {}
+            self._update_checkpoint_record()
+        return self._record
+
+    def _update_checkpoint_record(self) -> None:
+        if self._record is not None:
+            self._record.update(steps=self.steps, skipped_steps=self.skipped_steps,
+                                accountant=self.accountant.state_dict())
 
     def record_skipped(self, count: int = 1) -> None:
         """A Poisson draw with no sample: the release of pure noise is skipped, not its accounting."""
@@ -378,6 +394,7 @@ class PrivacyState:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.release_next = bool(state.get("release_next", True))
         self.accountant.load_state_dict(state["accountant"])
+        self._update_checkpoint_record()
         self.discard_accumulation()
         if self.lsg is not None and state.get("lsg") is not None:
             self.lsg.load_state_dict(state["lsg"])

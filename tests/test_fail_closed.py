@@ -256,3 +256,45 @@ def test_a_refusal_is_a_dpcompile_error_not_a_backend_compiler_failure():
 def test_invalid_options_are_refused_at_torch_compile_time():
     with pytest.raises(DPCompileError, match="max_grad_norm"):
         torch.compile(mlp(), backend="dp", options={"max_grad_norm": -1.0})
+
+
+# -- 8. resume -------------------------------------------------------------------------
+
+def test_a_plain_api_resume_must_restore_the_accounting_the_optimizer_checkpoint_carries(tmp_path):
+    options = dict(OPTIONS, noise_multiplier=1.0, sample_rate=0.1, dataset_size=60)
+    net = mlp()
+    model = torch.compile(net, backend="dp", options=dict(options))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        x, y = batch()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    eps = dpcompile.privacy_spent(net, 1e-5)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
+                "privacy": dpcompile.privacy_state(net).state_dict()}, tmp_path / "ckpt.pt")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain values only
+    assert checkpoint["optimizer"]["param_groups"][0]["dpcompile_privacy"]["steps"] == 3
+
+    def resume():
+        torch._dynamo.reset()
+        fresh = mlp()
+        fresh.load_state_dict(checkpoint["model"])
+        model = torch.compile(fresh, backend="dp", options=dict(options))
+        opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+        opt.load_state_dict(checkpoint["optimizer"])
+        return fresh, model, opt
+
+    fresh, model, opt = resume()  # forgets the privacy state: the step is refused
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in fresh.parameters()]
+    with pytest.raises(DPCompileError, match="accounting was not restored"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
+
+    fresh, model, opt = resume()
+    dpcompile.privacy_state(fresh).load_state_dict(checkpoint["privacy"])
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert dpcompile.privacy_state(fresh).steps == 4 and dpcompile.privacy_spent(fresh, 1e-5) > eps

@@ -1,7 +1,7 @@
 """The `dp` torch.compile backend.
 
     torch.compile(model, backend="dp", options={"max_grad_norm": 1.0, "noise_multiplier": 1.0,
-                                                "sample_rate": q})
+                                                "sample_rate": q, "dataset_size": N})
 
 Dynamo hands us a graph with parameters lifted as inputs. We run Inductor's
 ``compile_fx`` with our own inner compiler and a decomposition table that keeps the

@@ -47,6 +47,9 @@ def install() -> None:
         return
     _ORIGINAL_OPTIMIZE = torch._dynamo.optimize
     torch._dynamo.optimize = functools.wraps(_ORIGINAL_OPTIMIZE)(_optimize)
+    from .. import checkpoint
+
+    checkpoint.install()  # the accounting rides in optimizer checkpoints
 
 
 def _optimize(*args: Any, **kwargs: Any):
