@@ -289,7 +289,15 @@ def _dispatch(call: _Call):
         _reject_mixed_inputs(call)
         state = rule(call)
     except _Unsafe as why:
-        res = call.run()
+        predicted = torch.is_grad_enabled() and any(t.requires_grad for t in call.tracked)
+        if rule is _loss and not call._ran and predicted:
+            _refuse(call, why)  # losses are differentiable: no need to run it (and warn) first
+        try:
+            res = call.run()
+        except Exception:  # e.g. the target-size check of a loss, before torch's own
+            if predicted:
+                _refuse(call, why)
+            raise
         if _requires_grad(res):
             _refuse(call, why)
         return _mark(res, _mixed(call), call)
@@ -431,7 +439,7 @@ _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv_
 
 # ----------------------------------------------------------------------------- errors
 
-_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+_SKIP_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 def _user_line() -> str:
@@ -519,7 +527,7 @@ def _prepare_backward(func, args, kwargs) -> Callable[[], Any]:
     if len(sources) > 1:
         _refuse(name, _Unsafe("starts from losses of two forward passes of the same model at once: a sample "
                               "in both would have its gradient clipped separately in each"))
-    if sources:
+    if sources and any(isinstance(r, SampleTensor) and r.requires_grad for r in roots):
         owner = next(iter(sources.values())).owner()
         if owner is not None:
             owner.loss_verdict(kinds.pop())
