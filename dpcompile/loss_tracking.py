@@ -250,15 +250,17 @@ def track_outputs(outputs, batch_size: int, owner):
 
 class _Call:
     """One torch function call with tracked arguments."""
-    __slots__ = ("func", "args", "kwargs", "name", "leaves", "tracked", "_res", "_ran")
+    __slots__ = ("func", "args", "kwargs", "leaves", "tracked", "_res", "_ran")
 
     def __init__(self, func, args, kwargs):
-        from torch.utils import _pytree as pytree
         self.func, self.args, self.kwargs = func, args, kwargs
-        self.leaves = pytree.tree_leaves((args, kwargs))
+        self.leaves = _leaves(args) + _leaves(tuple(kwargs.values())) if kwargs else _leaves(args)
         self.tracked = [x for x in self.leaves if isinstance(x, SampleTensor)]
-        self.name = _op_name(func)
         self._ran = False
+
+    @property
+    def name(self) -> str:
+        return _op_name(self.func)
 
     def run(self):
         if not self._ran:
@@ -284,7 +286,7 @@ def _dispatch(call: _Call):
         if _requires_grad(res):
             _refuse(call, _Unsafe("has no rule in dpcompile's loss tracking, so dpcompile cannot "
                                   "tell how it combines the samples"))
-        return _mark(res, _mixed(call), call)
+        return _mark(res, _mixed(call), call, False)
     try:
         _reject_mixed_inputs(call)
         state = rule(call)
@@ -300,14 +302,15 @@ def _dispatch(call: _Call):
             raise
         if _requires_grad(res):
             _refuse(call, why)
-        return _mark(res, _mixed(call), call)
+        return _mark(res, _mixed(call), call, False)
     res = call.run()
     if rule is _pointwise and call.kwargs.get("inplace"):
         for t in call.tracked:  # F.relu(x, inplace=True): per-sample, keep x's record current
             t._dp_version = t._version
-    if _requires_grad(res):
+    grad = _requires_grad(res)
+    if grad:
         _check_grad_inputs(call, rule, state)
-    return _mark(res, state, call)
+    return _mark(res, state, call, grad)
 
 
 def _dispatch_inplace(call: _Call, rule):
@@ -358,7 +361,6 @@ def _check_versions(call: _Call) -> None:
 
 
 def _check_grad_inputs(call: _Call, rule, state) -> None:
-    _grad_source(call)
     if rule is _additive and isinstance(state, Reduced):
         return  # loss + regulariser(params): the added term's gradient does not depend on the batch
     for x in call.leaves:
@@ -386,20 +388,24 @@ def _grad_source(call: _Call) -> _Source:
     return call.tracked[0]._dp_source
 
 
-def _mark(res, state, call: _Call):
-    """Turn the plain tensors of `res` into SampleTensors carrying `state` (a list: one each)."""
+def _mark(res, state, call: _Call, grad: bool):
+    """Turn the plain tensors of `res` into SampleTensors carrying `state` (a list: one each).
+
+    `grad`: whether `res` requires grad (then its tracked inputs must share one source).
+    """
     outs = _tensors(res)
     if state is None or not outs:
         return res
     states = state if isinstance(state, list) else [state] * len(outs)
-    source = _grad_source(call) if _requires_grad(res) else call.tracked[0]._dp_source
-    inputs = {id(x) for x in call.leaves}
-    protect = [t for t in call.tracked if t.requires_grad or t._dp_guard]
+    source = _grad_source(call) if grad else call.tracked[0]._dp_source
+    inputs = [id(x) for x in call.leaves if isinstance(x, torch.Tensor)]
     for t, st in zip(outs, states):
         if id(t) in inputs or type(t) is not torch.Tensor or st is None:
             continue  # an argument returned as is, another subclass, or untracked
         t.__class__ = SampleTensor
-        _attach(t, st, source, guard=not t.requires_grad and any(_shares_memory(t, p) for p in protect))
+        guard = not t.requires_grad and any(
+            _shares_memory(t, p) for p in call.tracked if p.requires_grad or p._dp_guard)
+        _attach(t, st, source, guard)
     return res
 
 
@@ -415,6 +421,34 @@ def _mixed(call: _Call) -> Mixed:
     return Mixed(f"`{call.name}` at {_user_line()}")
 
 
+def _leaves(obj) -> list:
+    """The leaves of nested tuples/lists/dicts (torch function arguments), cheaply."""
+    out = []
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (tuple, list)) and not isinstance(x, torch.Size):
+            stack.extend(reversed(x))
+        elif isinstance(x, dict):
+            stack.extend(reversed(list(x.values())))
+        else:
+            out.append(x)
+    return out
+
+
+def _broadcast(*shapes) -> tuple:
+    """torch.broadcast_shapes without its Python overhead (errors are left to the op)."""
+    nd = max((len(s) for s in shapes), default=0)
+    out = [1] * nd
+    for s in shapes:
+        for i, size in enumerate(s, nd - len(s)):
+            if size != 1:
+                if out[i] not in (1, size):
+                    raise RuntimeError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
+                out[i] = size
+    return tuple(out)
+
+
 def _tensors(res) -> list:
     if isinstance(res, torch.Tensor):
         return [res]
@@ -428,8 +462,14 @@ def _requires_grad(res) -> bool:
 
 
 def _is_inplace(func) -> bool:
-    name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
+    known = _INPLACE_CACHE.get(func)
+    if known is None:
+        name = getattr(func, "__name__", "")
+        known = _INPLACE_CACHE[func] = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
+    return known
+
+
+_INPLACE_CACHE: dict = {}
 
 
 _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ifloordiv__",
@@ -573,7 +613,7 @@ def _first(res) -> torch.Tensor:
 def _align(operands) -> Batched:
     """Batched layout of a broadcasting op over `operands` (tensors and numbers)."""
     tensors = [x for x in operands if isinstance(x, torch.Tensor)]
-    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    shape = _broadcast(*(t.shape for t in tensors))
     nd = len(shape)
     layout = None
     for t in tensors:
@@ -1188,7 +1228,7 @@ def _elementwise_loss(b, data):
     if all(_st(t) is None for t in tensors):
         return None
     st = _align(tensors)
-    nd = len(torch.broadcast_shapes(*(t.shape for t in tensors)))
+    nd = len(_broadcast(*(t.shape for t in tensors)))
     rows = next(_size_at(t, st.dim, nd) for t in tensors if _st(t) is not None)
     for r, t in data:
         if _st(t) is None and t.numel() > 1:
