@@ -277,7 +277,7 @@ class _Call:
 def _dispatch(call: _Call):
     _check_versions(call)
     rule = RULES.get(call.func)
-    if _is_inplace(call.func) or "out" in call.kwargs:
+    if _is_inplace(call.func) or call.kwargs.get("out") is not None:
         return _dispatch_inplace(call, rule)
     if rule is None:
         res = call.run()
@@ -314,7 +314,9 @@ def _dispatch(call: _Call):
 
 
 def _dispatch_inplace(call: _Call, rule):
-    target = call.kwargs.get("out", call.args[0] if call.args else None)
+    target = call.kwargs.get("out")
+    if target is None:
+        target = call.args[0] if call.args else None
     grad_involved = any(isinstance(x, torch.Tensor) and x.requires_grad for x in call.leaves) and (
         torch.is_grad_enabled() or getattr(target, "requires_grad", False))
     if not isinstance(target, SampleTensor):
@@ -327,7 +329,7 @@ def _dispatch_inplace(call: _Call, rule):
                               "(through .detach() or .data): the output's new values would reach the "
                               "gradient unseen", "Take .clone() first."))
     try:
-        if rule is None or "out" in call.kwargs:
+        if rule is None or call.kwargs.get("out") is not None:
             raise _Unsafe("modifies a tracked tensor in place with an op that has no in-place rule")
         _reject_mixed_inputs(call)
         new = rule(call)
@@ -584,6 +586,11 @@ def _prepare_backward(func, args, kwargs) -> Callable[[], Any]:
         args[0] = plain[0] if single else plain
     else:
         kwargs[key] = plain[0] if single else plain
+    if any(isinstance(x, SampleTensor) for x in _leaves((args, kwargs))):
+        def run():  # gradients with respect to tracked tensors (inputs=...): no re-dispatch
+            with _DISABLED():
+                return func(*args, **kwargs)
+        return run
     return lambda: func(*args, **kwargs)
 
 
@@ -705,6 +712,8 @@ def _scaling(denominator: int | None):
             raise _Unsafe("divides by a value reduced over the batch: every sample's gradient would depend "
                           "on the whole batch")
         other = ops[1 - i]
+        if denominator is None and _is_loss_scale(other):
+            return states[i]  # GradScaler.scale(loss): a global constant factor, undone before the step
         if not isinstance(other, numbers.Real):
             raise _Unsafe("scales a loss reduced over the batch by a tensor, which dpcompile cannot tell from "
                           "a statistic of the batch (e.g. the number of the batch's valid tokens)",
@@ -718,6 +727,18 @@ def _scaling(denominator: int | None):
 
 
 _mul, _div, _rdiv = _scaling(None), _scaling(1), _scaling(0)
+
+_GRAD_SCALERS = (os.path.join("torch", "amp", "grad_scaler.py"), os.path.join("torch", "cuda", "amp", "grad_scaler.py"))
+
+
+def _is_loss_scale(x) -> bool:
+    """A one-element untracked tensor multiplied in by torch.amp.GradScaler.scale."""
+    if not isinstance(x, torch.Tensor) or isinstance(x, SampleTensor) or x.numel() != 1 or x.requires_grad:
+        return False
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith(_SKIP_DIRS[1]):
+        f = f.f_back
+    return f is not None and f.f_code.co_filename.endswith(_GRAD_SCALERS)
 
 
 def _pointwise(call):

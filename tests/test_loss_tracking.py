@@ -502,3 +502,46 @@ def test_in_place_change_through_a_detached_alias_is_refused(model, data, owner)
     plain = raw.detach()  # an alias the tracking does not see...
     plain -= plain.mean(0)
     refused(lambda: out.pow(2).mean(), "Tensor.pow", "modified in place")  # ...but its change is seen at the next use
+
+
+# ----------------------------------------------------------------------------- more accepted forms
+
+def test_grad_scaler_keeps_the_reduction(model, data, owner):
+    x, y = data
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    loss = F.cross_entropy(outputs(model, x, owner), y, reduction="sum")
+    scaled = scaler.scale(loss)
+    assert sample_state(scaled) == Reduced("sum")
+    assert backward_verdict(scaled, owner) == "sum"
+    refused(lambda: loss * torch.tensor(4.0), "Tensor.mul", "Python number")  # the same factor, by hand
+
+
+def test_per_sample_similarities_are_accepted(data, owner):
+    x, _ = data
+    enc_a, enc_b = nn.Linear(D, 3), nn.Linear(D, 3)
+    a, b = track_outputs((enc_a(x), enc_b(x)), B, owner)
+    za, zb = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    assert sample_state(za) == Batched(0)
+    positive = (za * zb).sum(1)
+    torch.testing.assert_close(positive, F.cosine_similarity(a, b))
+    assert sample_state(torch.einsum("bd,bd->b", za, zb)) == Batched(0)
+    assert sample_state(torch.bmm(za[:, None], zb[:, :, None])) == Batched(0)
+    assert backward_verdict((1 - positive).mean(), owner) == "mean"
+    refused(lambda: F.normalize(a, dim=0), "F.normalize", "sample dim")
+
+
+def test_evaluation_loss_without_grad_is_not_refused(owner):
+    logits, tokens, V = lm_outputs(owner)
+    y = tokens.clone()
+    y[0, -1] = -100
+    with torch.no_grad():
+        loss = F.cross_entropy(logits.view(-1, V), y.view(-1))  # divides by the valid tokens: fine for a metric
+    assert isinstance(sample_state(loss), Mixed) and isinstance(loss.item(), float)
+    refused(lambda: logits.sum() * loss, "Tensor.mul", "mixes the samples")  # but it cannot join a loss
+
+
+def test_gradients_with_respect_to_the_outputs(model, data, owner):
+    x, y = data
+    out = outputs(model, x, owner)
+    (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), out)
+    assert owner.verdicts == ["sum"] and type(g) is torch.Tensor and g.shape == (B, C)
