@@ -225,17 +225,17 @@ def track_outputs(outputs, batch_size: int, owner):
     from torch.utils import _pytree as pytree
 
     source = _Source(owner, batch_size)
-    in_graph = owner.in_graph_reduction
-    if in_graph not in ("mean", "sum"):
-        raise DPCompileError(f"owner.in_graph_reduction must be 'mean' or 'sum', not {in_graph!r}")
 
     def wrap(t):
-        if not isinstance(t, torch.Tensor) or isinstance(t, SampleTensor) or type(t) is not torch.Tensor:
+        if type(t) is not torch.Tensor:  # not a tensor, already tracked, or another subclass
             return t
         if t.dim() >= 1 and t.shape[0] == source.batch_size:
             state = Batched(0)
         elif t.dim() == 0 and t.requires_grad:
-            state = Reduced(in_graph)
+            kind = owner.in_graph_reduction
+            if kind not in ("mean", "sum"):
+                raise DPCompileError(f"owner.in_graph_reduction must be 'mean' or 'sum', not {kind!r}")
+            state = Reduced(kind)
         else:
             return t
         with _DISABLED():
@@ -617,7 +617,7 @@ def _first(res) -> torch.Tensor:
     return _tensors(res)[0]
 
 
-def _align(operands) -> Batched:
+def _align(operands) -> Batched | None:
     """Batched layout of a broadcasting op over `operands` (tensors and numbers)."""
     tensors = [x for x in operands if isinstance(x, torch.Tensor)]
     shape = _broadcast(*(t.shape for t in tensors))
@@ -635,6 +635,8 @@ def _align(operands) -> Batched:
         elif layout != here:
             raise _Unsafe("pairs values of different samples (their sample dims do not line up), "
                           "e.g. out[:, None] - out[None]")
+    if layout is None:
+        return None  # no tracked operand (e.g. only an out= tensor is tracked)
     dim, flat = layout
     rows = shape[dim]
     for j in range(nd):  # out (B, 1) against y (B,): every sample paired with every entry of y
@@ -697,6 +699,8 @@ def _additive(call):
 def _scaling(denominator: int | None):
     """a * b or a / b (`denominator`: index of the divisor operand)."""
     def rule(call):
+        if call.kwargs.get("rounding_mode") is not None:
+            return _pointwise(call)  # floor / trunc division is not linear
         ops = [call.arg(0, "input"), call.arg(1, "other", 1)]
         states = [_st(x) for x in ops]
         reduced = [i for i, s in enumerate(states) if isinstance(s, Reduced)]
@@ -1348,7 +1352,8 @@ _POINTWISE = """abs absolute acos arccos acosh arccosh asin arcsin asinh arcsinh
     F.hardswish F.leaky_relu F.logsigmoid F.sigmoid F.tanh F.tanhshrink F.softshrink F.hardshrink F.threshold
     F.dropout F.dropout1d F.dropout2d F.dropout3d F.alpha_dropout F.feature_alpha_dropout F.rrelu
     special.expit special.erf special.erfc special.logit special.xlogy special.entr special.log1p"""
-_INPLACE_POINTWISE = " ".join(f"Tensor.{n}_" for n in _POINTWISE.split() if "." not in n and not n.startswith("_"))
+_INPLACE_POINTWISE = " ".join(f"Tensor.{n}_" for n in _POINTWISE.split()
+                              if "." not in n and not n.endswith("_") and hasattr(torch.Tensor, n + "_"))
 
 _RULE_SPEC: list[tuple[Callable, str]] = [
     (_identity, "to float double half bfloat16 contiguous clone detach detach_ cpu cuda requires_grad_ type_as "

@@ -545,3 +545,10 @@ def test_gradients_with_respect_to_the_outputs(model, data, owner):
     out = outputs(model, x, owner)
     (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), out)
     assert owner.verdicts == ["sum"] and type(g) is torch.Tensor and g.shape == (B, C)
+
+
+def test_every_name_in_the_rule_table_resolves():
+    from dpcompile import loss_tracking
+
+    unresolved = [n for _, names in loss_tracking._RULE_SPEC for n in names.split() if not loss_tracking._resolve(n)]
+    assert unresolved == []
