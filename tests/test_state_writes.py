@@ -153,6 +153,93 @@ def test_a_plain_tensor_attribute_written_from_the_batch_is_refused(assign):
     assert torch.equal(model.cache, torch.zeros(4))
 
 
+class Registers(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.how = how
+
+    def forward(self, x):
+        out = self.fc(x)
+        if self.how == "register_buffer":
+            self.register_buffer("seen", x.mean(0))
+        elif self.how == "input":
+            self.last = x  # the batch itself, kept on the model
+        elif self.how == "parameter":
+            with torch.no_grad():
+                self.fc.bias.add_(x.mean())
+        return out
+
+
+@pytest.mark.parametrize("how, name", [("register_buffer", "seen"), ("input", "last"), ("parameter", "fc.bias")])
+def test_other_ways_of_keeping_batch_data_on_the_model_are_refused(how, name):
+    model = Registers(how)
+    bias = model.fc.bias.detach().clone()
+    refused(model, torch.randn(3, 4), name)
+    assert not hasattr(model, "seen") and not hasattr(model, "last")
+    assert torch.equal(model.fc.bias.detach(), bias)
+
+
+def test_storing_the_symbolic_batch_size_as_a_number_is_refused():
+    class KeepsSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.n = x.shape[0]
+            return self.fc(x)
+
+    model = KeepsSize()
+    text = refused(model, torch.randn(3, 4), "n", dynamic=True)
+    assert "batch size" in text and not hasattr(model, "n")
+
+
+def test_a_sequence_length_kept_on_the_model_is_accepted():
+    class KeepsLength(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(1, 2)
+
+        def forward(self, x):
+            self.t = x.shape[1]  # symbolic too, but not the batch size
+            return self.fc(x.sum(1, keepdim=True))
+
+    model = KeepsLength()
+    x = torch.randn(3, 5)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(x, 1)
+    _trains(model, x)
+    assert model.t == 5
+
+
+def test_inference_graphs_are_checked_by_check_inference_state_writes(monkeypatch):
+    """A forward under torch.no_grad() compiles without a backward (AOT's inference graph),
+    outside FORWARD_PIPELINE; check_inference_state_writes is its check (wired in here the
+    way the backend's inner compiler calls it for such graphs)."""
+    from dpcompile.backends import dp as backend
+    from dpcompile.passes import batch_dim
+
+    inner = backend._inner_compile
+
+    def checked(gm, example_inputs, *, ctx, state, **kwargs):
+        if kwargs.get("is_inference"):
+            batch_dim.check_inference_state_writes(gm, ctx)
+        return inner(gm, example_inputs, ctx=ctx, state=state, **kwargs)
+
+    monkeypatch.setattr(backend, "_inner_compile", checked)
+    model = Tracked(_copy)
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0})
+    with pytest.raises(Exception, match="buffer `avg`"):
+        with torch.no_grad():
+            compiled(torch.randn(3, 4))
+    assert torch.equal(model.avg, torch.zeros(4))
+    torch._dynamo.reset()
+    eval_model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Softmax(0)).eval()  # mixes samples: fine here
+    with torch.no_grad():
+        torch.compile(eval_model, backend="dp", options={"noise_multiplier": 0.0})(torch.randn(3, 4))
+
+
 def test_adding_the_batch_size_is_refused():
     x = torch.randn(3, 4)
     torch._dynamo.mark_dynamic(x, 0)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import sympy
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.operator_schemas import normalize_function
 
 from .. import per_sample
@@ -85,10 +86,21 @@ def run(gm: fx.GraphModule, ctx: CompileContext, which: str = "backward"):
     return run_recorded("batch_dim", which, gm, body)
 
 
+def check_inference_state_writes(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """State writes of a graph AOT compiles without a backward (no output needs a gradient: a
+    forward under torch.no_grad(), a region after a graph break that uses no parameter).
+    Nothing there must stay per sample, so sample-mixing ops are not refused; an op whose
+    rule would refuse it counts as carrying samples (AGG), and writes of model state from
+    batch data are refused as in training forwards."""
+    propagate(gm.graph, ctx, "inference")
+    check_state_writes(gm.graph, ctx)
+
+
 def propagate(graph: fx.Graph, ctx: CompileContext, which: str) -> None:
+    """`which`: "forward", "backward", or "inference" (a forward whose refusals only mark AGG)."""
     graph.owning_module.meta["dp_batch_size"] = ctx.batch_size
     placeholders = list(graph.find_nodes(op="placeholder"))
-    if which == "forward":
+    if which in ("forward", "inference"):
         graph.owning_module.meta[STATE_NAMES] = _state_names(placeholders, ctx)
     start = _placeholder_layouts(placeholders, ctx, which)
     for node in graph.nodes:
@@ -98,7 +110,7 @@ def propagate(graph: fx.Graph, ctx: CompileContext, which: str) -> None:
                 node.meta[SAMPLE_IDS] = ctx.forward_sample_ids[node.name]
         elif node.op == "call_function":
             node.meta["dp_graph"] = which
-            node.meta["dp_layout"] = _infer(node, ctx)
+            node.meta["dp_layout"] = _infer(node, ctx) if which != "inference" else _infer_or_agg(node, ctx)
             if node.meta["dp_layout"] is FREE:
                 _track_sample_ids(node, ctx)
         elif node.op == "output":
@@ -110,8 +122,19 @@ def propagate(graph: fx.Graph, ctx: CompileContext, which: str) -> None:
         ctx.forward_sample_ids = {n.name: n.meta[SAMPLE_IDS] for n in graph.nodes if SAMPLE_IDS in n.meta}
 
 
+def _infer_or_agg(node: fx.Node, ctx: CompileContext) -> Any:
+    """An inference graph's layout: a refused op is taken to mix samples (AGG); state writes are still refused."""
+    try:
+        return _infer(node, ctx)
+    except StateWriteError:
+        raise
+    except DPCompileError:
+        val = node.meta.get("val")
+        return tuple(AGG for _ in val) if isinstance(val, (list, tuple)) else AGG
+
+
 def _placeholder_layouts(placeholders: list[fx.Node], ctx: CompileContext, which: str) -> dict[str, Any]:
-    if which == "forward":
+    if which in ("forward", "inference"):
         if len(placeholders) != len(ctx.input_kinds):
             raise DPCompileError(
                 f"dpcompile: forward graph has {len(placeholders)} inputs but dynamo gave "
@@ -732,26 +755,27 @@ class _Write:
     what: str  # "buffer `avg`"
     value: list  # the nodes the new value is computed from
     site: fx.Node  # the node the error names (op, module, source line)
+    sized: bool = False  # known to depend on the batch size (a stored symbolic number)
 
 
 def check_state_writes(graph: fx.Graph, ctx: CompileContext) -> None:
     """Refuse writes of model state whose new value depends on the samples or on the batch size."""
-    sized = _size_dependent(graph, _batch_symbols(ctx))
+    sized = _size_dependent(graph, _batch_symbols(ctx.batch_size))
     for write in _state_writes(graph):
-        if any(_carries_samples(v) for v in write.value):
+        if any(_carries_samples(v) for v in write.value) or not (write.value or write.sized):
             raise _state_write_error(write, "depends on the samples' data")
-        if any(v in sized for v in write.value):
+        if write.sized or any(v in sized for v in write.value):
             raise _state_write_error(write, "depends on the batch size, which is private under Poisson sampling "
                                             "(a release must not reveal it)")
 
 
 def _state_write_error(write: _Write, reason: str) -> StateWriteError:
     msg = (f"dpcompile: the forward pass writes {write.what} from batch data: {describe_node(write.site)} "
-           f"computes its new value, which {reason}. The model's state_dict() and checkpoints would hold that "
-           "value exactly, while the privacy guarantee covers only the noisy gradients, so it is refused. Fix: keep "
-           "batch statistics out of module state (return them from forward() if the training loop needs them), "
-           "or make them private by other means; computing them under torch.no_grad() or outside the private "
-           "model does not make them private.")
+           f"computes its new value, which {reason}. The model (its state_dict(), checkpoints, the module "
+           "object) would keep that value exactly, while the privacy guarantee covers only the noisy gradients, "
+           "so it is refused. Fix: keep batch statistics out of module state (return them from forward() if the "
+           "training loop needs them), or make them private by other means; computing them under "
+           "torch.no_grad() or outside the private model does not make them private.")
     if _from_batch_norm(write.value):
         msg += (" For BatchNorm, use nn.GroupNorm or nn.LayerNorm instead (dpcompile.fix makes that "
                 "replacement), or call .eval() on the BatchNorm layers to use fixed running statistics.")
@@ -795,8 +819,9 @@ def _returned_mutations(graph: fx.Graph, placeholders: list[fx.Node], names: dic
 
 
 def _attribute_assignments(graph: fx.Graph, placeholders: list[fx.Node]) -> list[_Write]:
-    """`self.avg = value` (and register_buffer in forward): Dynamo stores one of the graph's
-    outputs (or inputs) on the module after the graph has run."""
+    """`self.avg = value`, register_buffer in forward: Dynamo stores one of the graph's outputs
+    (or inputs) on the module after the graph has run. A stored Python number (`self.n =
+    x.shape[0]`) is its symbolic expression."""
     tx = _dynamo_tx()
     if tx is None:
         return []
@@ -812,34 +837,45 @@ def _attribute_assignments(graph: fx.Graph, placeholders: list[fx.Node]) -> list
     meta = _fw_metadata()
     skip = meta.num_mutated_inp_runtime_indices if meta is not None else 0
     outputs = list(graph.output_node().args[0])
+    symbols = _batch_symbols(graph.owning_module.meta.get("dp_batch_size"))
     writes = []
-    for what, node in stored:
+    for what, vt, node in stored:
+        number = getattr(vt, "sym_num", None)
+        if isinstance(number, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            if _mentions(number, symbols) or free_unbacked_symbols(number):
+                writes.append(_Write(what, [], node, sized=_mentions(number, symbols)))
+            continue
         if node in dynamo_outputs and skip + dynamo_outputs.index(node) < len(outputs):
             target = outputs[skip + dynamo_outputs.index(node)]
         elif node in dynamo_inputs and len(dynamo_inputs) == len(placeholders):
             target = placeholders[dynamo_inputs.index(node)]
         else:
-            continue
-        if isinstance(target, fx.Node):
-            writes.append(_Write(what, [target], target))
+            raise StateWriteError(f"dpcompile: the forward pass assigns {what} a value dpcompile cannot find "
+                                  f"among the graph's inputs or outputs ({describe_node(node)}), so it cannot "
+                                  "check it for batch data; refusing rather than guessing")
+        writes.append(_Write(what, [target], target))
     return writes
 
 
 def _stored_on_modules(tx: Any):
-    """(what, Dynamo graph node) for each tensor the traced code assigned to a module attribute."""
+    """(what, variable, Dynamo graph node) for each tensor or number the traced code assigned to
+    a module attribute or put in a module's _buffers / _parameters."""
     from torch._dynamo.variables.lazy import LazyVariableTracker
 
     effects = tx.output.side_effects
     for var in list(effects.id_to_variable.values()):
         if not effects.is_modified(var) or getattr(var, "source", None) is None:
             continue  # objects created inside the graph are not model state
+        state_dict = _state_dict_source(var.source.name)
         if isinstance(getattr(var, "value", None), torch.nn.Module):
             prefix, items = _state_path(var.source.name), effects.store_attr_mutations.get(var, {}).items()
             kind = "attribute"
-        elif getattr(var.source, "member", None) in ("_buffers", "_parameters") and hasattr(var, "items"):
-            prefix = _state_path(var.source.base.name)
-            items = [(key.vt.as_python_constant(), vt) for key, vt in var.items.items()]
-            kind = "buffer" if var.source.member == "_buffers" else "parameter"
+        elif state_dict is not None and hasattr(var, "items"):
+            prefix = _state_path(state_dict[0])
+            original = var.original_items  # what the dict held before the traced code ran
+            items = [(key.vt.as_python_constant(), vt) for key, vt in var.items.items()
+                     if var.is_new_item(original.get(key.vt), vt)]
+            kind = "buffer" if state_dict[1] == "_buffers" else "parameter"
         else:
             continue
         for attr, vt in items:
@@ -847,7 +883,13 @@ def _stored_on_modules(tx: Any):
                 continue  # never touched by the traced code
             proxy = getattr(vt, "proxy", None)
             if isinstance(getattr(proxy, "node", None), fx.Node):
-                yield f"{kind} `{'.'.join(p for p in (prefix, str(attr)) if p)}`", proxy.node
+                yield f"{kind} `{'.'.join(p for p in (prefix, str(attr)) if p)}`", vt, proxy.node
+
+
+def _state_dict_source(name: str) -> tuple[str, str] | None:
+    """L['self']._modules['fc']._buffers (or .__dict__['_buffers']) -> (L['self']._modules['fc'], _buffers)."""
+    match = re.fullmatch(r"(.*?)(?:\.__dict__\['|\.)(_buffers|_parameters)(?:'\])?", name)
+    return (match.group(1), match.group(2)) if match else None
 
 
 def _state_names(placeholders: list[fx.Node], ctx: CompileContext) -> dict[str, tuple[str, str]]:
@@ -937,8 +979,8 @@ def _carries_samples(node: Any) -> bool:
     return any(l is not FREE for l in (lay if isinstance(lay, (tuple, list)) else [lay]))
 
 
-def _batch_symbols(ctx: CompileContext) -> set:
-    return set(getattr(ctx.batch_size, "free_symbols", ()) or ())
+def _batch_symbols(batch_size: Any) -> set:
+    return set(getattr(batch_size, "free_symbols", ()) or ())
 
 
 def _size_dependent(graph: fx.Graph, symbols: set) -> set[fx.Node]:
