@@ -117,8 +117,10 @@ _MIX = ("combines per-sample values with a value reduced over the whole batch: "
 
 
 class _Source:
-    """One call of track_outputs: the owner (weakly) and the batch size."""
-    __slots__ = ("owner_ref", "batch_size", "__weakref__")
+    """One call of track_outputs: the owner (weakly), the batch size and the
+    autograd nodes of all its outputs (tracked or not), to recognise an untracked
+    value computed from them."""
+    __slots__ = ("owner_ref", "batch_size", "nodes", "__weakref__")
 
     def __init__(self, owner: Any, batch_size: int):
         try:
@@ -126,6 +128,7 @@ class _Source:
         except TypeError:  # an owner type without weak references
             self.owner_ref = lambda: owner
         self.batch_size = int(batch_size)
+        self.nodes: list = []
 
     def owner(self):
         return self.owner_ref()
@@ -227,6 +230,8 @@ def track_outputs(outputs, batch_size: int, owner):
     source = _Source(owner, batch_size)
 
     def wrap(t):
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+            source.nodes.append(t.grad_fn)
         if type(t) is not torch.Tensor:  # not a tensor, already tracked, or another subclass
             return t
         if t.dim() >= 1 and t.shape[0] == source.batch_size:
@@ -363,15 +368,32 @@ def _check_versions(call: _Call) -> None:
 
 
 def _check_grad_inputs(call: _Call, rule, state) -> None:
-    if rule is _additive and isinstance(state, Reduced):
-        return  # loss + regulariser(params): the added term's gradient does not depend on the batch
+    # loss + regulariser(params) is fine (the added gradient does not depend on the batch),
+    # unless the added term was computed from an output that is not tracked.
+    regulariser = rule is _additive and isinstance(state, Reduced)
     for x in call.leaves:
-        if isinstance(x, torch.Tensor) and not isinstance(x, SampleTensor) and x.requires_grad:
+        if isinstance(x, torch.Tensor) and not isinstance(x, SampleTensor) and x.requires_grad and not (
+                regulariser and not _from_outputs(x, call.tracked)):
             _refuse(call, _Unsafe(
                 "combines the model outputs with a tensor that requires grad but is not a tracked output "
                 "of the compiled model (a parameter or module used outside it, or an output without the "
                 "batch on dim 0): its gradient would be computed from the batch without clipping or noise",
                 "Move that computation inside the compiled model, or .detach() the tensor."))
+
+
+def _from_outputs(x: torch.Tensor, tracked) -> bool:
+    """Whether the autograd graph of `x` reaches an output of the tracked values' sources."""
+    targets = {id(n) for t in tracked for n in t._dp_source.nodes}
+    seen, stack = set(), [x.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        if id(node) in targets:
+            return True
+        seen.add(id(node))
+        stack.extend(f for f, _ in node.next_functions)
+    return False
 
 
 def _grad_source(call: _Call) -> _Source:
@@ -569,7 +591,11 @@ def _prepare_backward(func, args, kwargs) -> Callable[[], Any]:
     if len(sources) > 1:
         _refuse(name, _Unsafe("starts from losses of two forward passes of the same model at once: a sample "
                               "in both would have its gradient clipped separately in each"))
-    if sources and any(isinstance(r, SampleTensor) and r.requires_grad for r in roots):
+    tracked = [r for r in roots if isinstance(r, SampleTensor)]
+    for r in roots:
+        if tracked and not isinstance(r, SampleTensor) and isinstance(r, torch.Tensor) and _from_outputs(r, tracked):
+            _refuse(name, _Unsafe("also starts from an untracked value computed from the model outputs"))
+    if sources and any(r.requires_grad for r in tracked):
         owner = next(iter(sources.values())).owner()
         if owner is not None:
             owner.loss_verdict(kinds.pop())
