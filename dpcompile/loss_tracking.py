@@ -571,7 +571,8 @@ def _prepare_backward(func, args, kwargs) -> Callable[[], Any]:
         st = r._dp_state
         if isinstance(st, Batched):
             _refuse(name, _Unsafe("starts a backward from a per-sample tensor (one value per sample): the "
-                                  "gradient given for it cannot be analysed", "Reduce it with .mean() or .sum() first."))
+                                  "gradient given for it cannot be analysed",
+                                  "Reduce it with .mean() or .sum() first."))
         if isinstance(st, Mixed):
             _refuse(name, _Unsafe(f"starts a backward from a value that mixes the samples (made by {st.where})"))
         if r.numel() != 1:
@@ -950,7 +951,10 @@ def _index_state(shape, st: Batched, key) -> tuple[Batched, int]:
         elif isinstance(k, slice):
             entries.append(("slice", k))
         elif isinstance(k, (torch.Tensor, list, range)) or type(k).__module__ == "numpy":
-            t = k if isinstance(k, torch.Tensor) else torch.as_tensor(list(k) if isinstance(k, range) else k)
+            try:
+                t = k if isinstance(k, torch.Tensor) else torch.as_tensor(list(k) if isinstance(k, range) else k)
+            except (TypeError, ValueError, RuntimeError):
+                raise _Unsafe("uses a list index that dpcompile does not analyse") from None
             if t.dtype in (torch.bool, torch.uint8):
                 entries.append(("mask", t))
             elif t.ndim == 0 and not isinstance(k, torch.Tensor):
@@ -994,6 +998,8 @@ def _index_state(shape, st: Batched, key) -> tuple[Batched, int]:
                 sample = ("adv",)
             adv.append((pos, 1 if kind == "mask" else v.ndim, v, kind))
             in_dim += span
+    if sample is None:
+        raise _Unsafe("uses an index that dpcompile does not analyse")
     if not adv:
         return Batched(sample[1], st.flat), basic
     adjacent = all(b[0] - a[0] == 1 for a, b in zip(adv, adv[1:]))
