@@ -54,6 +54,12 @@ and what is refused::
 Values that cannot feed a backward never raise here (metrics, printing,
 ``.item()``); they keep their lineage so that a batch statistic cannot sneak
 back into the loss as a constant.
+
+Not seen (taken as constants or per-sample data): untracked tensors and Python
+numbers computed from the batch outside the outputs (``w / w.sum()`` over the
+batch's targets, a count from ``.item()``), values that leave torch (numpy
+writes into an output's memory), and outputs whose dim 0 has ``batch_size``
+entries that are not the samples (a time-major ``(T, B)`` output with T == B).
 """
 from __future__ import annotations
 
