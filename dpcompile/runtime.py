@@ -37,7 +37,7 @@ class OwnParametersOnly:
                     "seed, or call torch._dynamo.reset() before compiling the second model.")
         outputs = self.compiled(args)
         if self.state is not None:  # a training forward (AOT runs it under no_grad)
-            _mark_forward(outputs, args, self.state)
+            _mark_forward(outputs, args, self.ctx)
         return outputs
 
 
@@ -48,17 +48,17 @@ class OwnParametersOnly:
 FORWARD_TOKEN = "_dpcompile_forward"
 
 
-def _mark_forward(outputs: list[Any], inputs: list[Any], state: Any) -> None:
-    token = [False, weakref.ref(state)]  # consumed?, whose
+def _mark_forward(outputs: list[Any], inputs: list[Any], ctx: Any) -> None:
+    token = [False, weakref.ref(ctx)]  # consumed?, which compiled region (a graph break's next graph saves it too)
     inputs_ids = {id(a) for a in inputs}
     for out in outputs:
         if isinstance(out, torch.Tensor) and id(out) not in inputs_ids:
             setattr(out, FORWARD_TOKEN, token)
 
 
-def _consume_forward(args: list[Any], state: Any) -> None:
+def _consume_forward(args: list[Any], ctx: Any) -> None:
     tokens = {id(t): t for t in (getattr(a, FORWARD_TOKEN, None) for a in args if isinstance(a, torch.Tensor))
-              if t is not None and t[1]() is state}
+              if t is not None and t[1]() is ctx}
     if any(t[0] for t in tokens.values()):
         raise DPCompileError(
             "dpcompile: a second backward pass through the same forward (loss.backward(retain_graph=True), then "
@@ -82,7 +82,7 @@ class PrivateBackward:
     def __call__(self, args: list[Any]) -> Any:
         state, ctx = self.state, self.ctx
         state.enter_backward(ctx)
-        _consume_forward(args, state)
+        _consume_forward(args, ctx)
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         inputs = list(args) + self._graph_inputs(self._runtime_inputs(device))
         args.clear()  # let the compiled graph free saved activations as it goes
