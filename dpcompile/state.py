@@ -365,6 +365,7 @@ class PrivacyState:
         return {"format": "dpcompile-public-1", "steps": self.steps, "skipped_steps": self.skipped_steps,
                 "release_next": self.release_next, "options": options,
                 "accountant": self.accountant.state_dict(),
+                "bsr_coefficients": list(self.bsr.coefficients) if self.bsr is not None else None,
                 "lsg": self.lsg.state_dict() if self.lsg is not None else None}
 
     def secret_state_dict(self) -> dict[str, Any]:
@@ -390,6 +391,10 @@ class PrivacyState:
                     f"dpcompile: checkpoint was made with {key}={saved[key]} but this model uses "
                     f"{getattr(self.options, key)}; resume with the same privacy options")
         self._check_mechanism_options(saved)
+        if self.bsr is not None and tuple(state.get("bsr_coefficients") or ()) != tuple(self.bsr.coefficients):
+            raise DPCompileError(
+                f"dpcompile BSR: checkpoint was made with factorization coefficients {state.get('bsr_coefficients')} "
+                f"but this model uses {list(self.bsr.coefficients)}; resume with the same bsr_* options")
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.release_next = bool(state.get("release_next", True))
