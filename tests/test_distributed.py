@@ -400,7 +400,7 @@ def test_make_private_data_parallel_needs_a_process_group():
 def test_a_compiled_module_holding_fsdp_shards_is_refused():
     """An FSDP2 module *inside* the compiled model: its hooks run outside the compiled graphs and its
     parameters are DTensor shards, so per-sample norms would miss them. The dp backend refuses any
-    module it compiles that holds one, naming it and pointing to fully_shard(torch.compile(...))
+    module it compiles that holds one, at torch.compile time, naming it and pointing to fully_shard(torch.compile(...))
     (run in a one-rank gloo group of its own process).
 
     End to end, Dynamo (torch 2.13) often compiles no graph at all for a forward that enters an
@@ -413,14 +413,15 @@ def test_a_compiled_module_holding_fsdp_shards_is_refused():
         "import os, torch, torch.distributed as dist, torch.nn as nn\n"
         "from torch.distributed.fsdp import fully_shard\n"
         "from dpcompile import DPCompileError\n"
-        "from dpcompile.backends.dp import _guard_compiled_module\n"
+        "import dpcompile.backends.dp\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'])\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
         "net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))\n"
-        "_guard_compiled_module(net)  # plain: accepted\n"
+        "torch.compile(net, backend='dp', options={'noise_multiplier': 0.0})  # plain: accepted\n"
+        "net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))\n"
         "fully_shard(net[2])\n"
         "try:\n"
-        "    _guard_compiled_module(net)\n"
+        "    torch.compile(net, backend='dp', options={'noise_multiplier': 0.0})  # refused at compile time\n"
         "    print('accepted')\n"
         "except DPCompileError as e:\n"
         "    print(e)\n"
