@@ -43,6 +43,8 @@ class PrivacyState:
     noise history), which never enters a model or optimizer checkpoint.
     """
 
+    cyclic_batches_verified = False  # BSR: set by make_private, whose loader draws the cyclic batches
+
     def __init__(self, options: DPOptions) -> None:
         self.options = options
         self.seed = options.seed  # secret: drawn from OS entropy unless insecure_seed was given
@@ -57,7 +59,6 @@ class PrivacyState:
         self.compiled_module: Any = lambda: None  # weakref to torch.compile's wrapper (FSDP2 may shard it)
         self.refusal: DPCompileError | None = None  # the backend's last refusal (suppress_errors may hide it)
         self.no_graph_reason: str | None = None  # why no dp graph can exist (Dynamo disabled)
-        self.cyclic_batches_verified = False  # BSR: set by make_private, whose loader draws the cyclic batches
         self.needs_secret = False  # a resumed run whose mechanism needs its secret state back (BSR)
         self.loss_verdict: str | None = None  # how the loss of the coming backward combines samples
         self._task: int | None = None

@@ -110,11 +110,7 @@ def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacySt
     owner = options.pop(STATE_KEY, None)
     state = owner() if owner is not None else None
     params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-    if owner is not None and any(getattr(p, STATE_ATTR, None) is not state for p in params):
-        raise DPCompileError(
-            "dpcompile: this compiled model runs parameters that its privacy state does not own: it is a copy "
-            "(copy.deepcopy) of a compiled private model, or parameters were added after torch.compile. Compile "
-            "the copy itself: torch.compile(copy._orig_mod, backend='dp', options=...)")
+
     owners = {id(s): s for s in (getattr(p, STATE_ATTR, None) for p in params) if s is not None}
     if state is None:
         if len(owners) > 1:

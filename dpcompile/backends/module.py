@@ -160,7 +160,13 @@ class PrivateModule:
     """Mixed into the OptimizedModule that ``torch.compile(module, backend="dp")`` returns."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _call_privately(super().__call__, state_of_module(self._orig_mod), args, kwargs)
+        state = state_of_module(self._orig_mod)
+        if state is None and torch.is_grad_enabled():
+            raise DPCompileError(
+                "dpcompile: this compiled model has no privacy state of its own: it is a copy (copy.deepcopy) of a "
+                "compiled private model, whose state stays with the original. Compile the copy itself: "
+                "torch.compile(copy._orig_mod, backend='dp', options=...), or evaluate it under torch.no_grad()")
+        return _call_privately(super().__call__, state, args, kwargs)
 
 
 def _private_function(compiled: Any, state: PrivacyState) -> Any:
