@@ -866,9 +866,11 @@ def _stored_on_modules(tx: Any):
     for var in list(effects.id_to_variable.values()):
         if not effects.is_modified(var) or getattr(var, "source", None) is None:
             continue  # objects created inside the graph are not model state
-        state_dict = _state_dict_source(var.source.name)
+        name = _source_name(var.source)
+        state_dict = _state_dict_source(name) if name is not None else None
         if isinstance(getattr(var, "value", None), torch.nn.Module):
-            prefix, items = _state_path(var.source.name), effects.store_attr_mutations.get(var, {}).items()
+            prefix = _state_path(name) if name is not None else type(var.value).__name__
+            items = effects.store_attr_mutations.get(var, {}).items()
             kind = "attribute"
         elif state_dict is not None and hasattr(var, "items"):
             prefix = _state_path(state_dict[0])
@@ -884,6 +886,14 @@ def _stored_on_modules(tx: Any):
             proxy = getattr(vt, "proxy", None)
             if isinstance(getattr(proxy, "node", None), fx.Node):
                 yield f"{kind} `{'.'.join(p for p in (prefix, str(attr)) if p)}`", vt, proxy.node
+
+
+def _source_name(source: Any) -> str | None:
+    """A source's name, None for one that has none (Dynamo's TempLocalSource raises)."""
+    try:
+        return source.name
+    except NotImplementedError:
+        return None
 
 
 def _state_dict_source(name: str) -> tuple[str, str] | None:
