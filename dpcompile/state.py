@@ -495,10 +495,6 @@ def _refuse_sharded_submodules(module: torch.nn.Module) -> None:
             "fully_shard(torch.compile(model, backend='dp', options=...)), or use DDP.")
 
 
-def attach_to_module(module: torch.nn.Module, state: PrivacyState) -> None:
-    _STATE_OF_MODULE[module] = state
-
-
 def state_of_module(module: torch.nn.Module) -> "PrivacyState | None":
     return _STATE_OF_MODULE.get(module)
 
