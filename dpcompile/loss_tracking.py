@@ -63,6 +63,7 @@ entries that are not the samples (a time-major ``(T, B)`` output with T == B).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import linecache
 import numbers
@@ -220,16 +221,21 @@ def _attach(t: torch.Tensor, state: State, source: _Source, guard: bool = False)
 
 # ----------------------------------------------------------------------------- public API
 
-def track_outputs(outputs, batch_size: int, owner):
+def track_outputs(outputs, batch_size: int, owner, sample_dim: int = 0):
     """Wrap the compiled model's outputs so that the loss computed from them is analysed.
 
-    Every tensor with ``dim >= 1`` and ``shape[0] == batch_size`` becomes
-    ``Batched(0)``; every 0-dim tensor that requires grad (a loss computed inside
+    Every tensor with ``shape[sample_dim] == batch_size`` becomes ``Batched(sample_dim)``
+    (else, with ``shape[0] == batch_size``, ``Batched(0)``: a sample-major output of a model
+    with time-major inputs); every 0-dim tensor that requires grad (a loss computed inside
     the compiled graph) becomes ``Reduced(owner.in_graph_reduction)``; anything
     else is returned as it is. Containers are rebuilt with torch's pytree (tuples,
     lists, dicts, namedtuples, HF ModelOutput). No data is copied: the wrapper is
     an autograd alias of the output, so requires_grad and the graph are kept.
-    ``owner.loss_verdict(kind)`` is called right before a backward from a loss.
+    ``owner.loss_verdict(kind)`` is called right before a backward from a loss, and
+    ``owner.loss_verdict(None)`` when it is over. A loss whose reduction differs from
+    ``owner.in_graph_reduction`` (``.sum()`` where the graphs were compiled for a mean) is
+    backpropagated with its seed gradient scaled by 1/B (or B), so the graphs see the
+    reduction they were compiled for: the released gradient does not depend on it.
     """
     from torch.utils import _pytree as pytree
 
@@ -240,7 +246,9 @@ def track_outputs(outputs, batch_size: int, owner):
             source.nodes.append(t.grad_fn)
         if type(t) is not torch.Tensor:  # not a tensor, already tracked, or another subclass
             return t
-        if t.dim() >= 1 and t.shape[0] == source.batch_size:
+        if t.dim() > sample_dim and t.shape[sample_dim] == source.batch_size:
+            state = Batched(sample_dim)
+        elif t.dim() >= 1 and t.shape[0] == source.batch_size:
             state = Batched(0)
         elif t.dim() == 0 and t.requires_grad:
             kind = owner.in_graph_reduction
@@ -602,29 +610,70 @@ def _prepare_backward(func, args, kwargs) -> Callable[[], Any]:
     for r in roots:
         if tracked and not isinstance(r, SampleTensor) and isinstance(r, torch.Tensor) and _from_outputs(r, tracked):
             _refuse(name, _Unsafe("also starts from an untracked value computed from the model outputs"))
+    owner, kind = None, None
     if sources and any(r.requires_grad for r in tracked):
-        owner = next(iter(sources.values())).owner()
-        if owner is not None:
-            owner.loss_verdict(kinds.pop())
+        source = next(iter(sources.values()))
+        owner, kind = source.owner(), kinds.pop()
+        scale = _seed_scale(kind, owner, source.batch_size)
+        if scale != 1.0:
+            grads = [_scaled_seed(r, g, scale) if isinstance(r, SampleTensor) else g for r, g in zip(roots, grads)]
     # The real backward runs on plain autograd aliases, outside this module's dispatch.
     with torch.enable_grad():
         plain = [r.as_subclass(torch.Tensor) if isinstance(r, SampleTensor) else r for r in roots]
     if key is None:  # Tensor.backward(gradient, retain_graph, create_graph, inputs)
         named = dict(zip(("gradient", "retain_graph", "create_graph", "inputs"), args[1:]), **kwargs)
-        return lambda: torch.autograd.backward(
-            plain[0], named.get("gradient"), named.get("retain_graph"), named.get("create_graph", False),
-            inputs=named.get("inputs"))
+        run = functools.partial(
+            torch.autograd.backward, plain[0], grads[0], named.get("retain_graph"),
+            named.get("create_graph", False), inputs=named.get("inputs"))
+        return _with_verdict(owner, kind, run)
     args, kwargs = list(args), dict(kwargs)
-    if args:
-        args[0] = plain[0] if single else plain
-    else:
-        kwargs[key] = plain[0] if single else plain
+    _put(args, kwargs, 0, key, plain[0] if single else plain)
+    if any(g is not None for g in grads):
+        grad_pos, grad_key = (1, "grad_tensors") if func is torch.autograd.backward else (2, "grad_outputs")
+        _put(args, kwargs, grad_pos, grad_key, grads[0] if single else grads)
     if any(isinstance(x, SampleTensor) for x in _leaves((args, kwargs))):
         def run():  # gradients with respect to tracked tensors (inputs=...): no re-dispatch
             with _DISABLED():
                 return func(*args, **kwargs)
+        return _with_verdict(owner, kind, run)
+    return _with_verdict(owner, kind, lambda: func(*args, **kwargs))
+
+
+def _put(args: list, kwargs: dict, pos: int, key: str, value) -> None:
+    """Set one argument of a call, positional if it was given positionally."""
+    if len(args) > pos:
+        args[pos] = value
+    else:
+        kwargs[key] = value
+
+
+def _seed_scale(kind: str, owner, batch_size: int) -> float:
+    """The seed-gradient factor that makes a `kind` loss look like the owner's graphs expect."""
+    compiled = getattr(owner, "in_graph_reduction", kind) if owner is not None else kind
+    if kind == compiled:
+        return 1.0
+    return 1.0 / batch_size if compiled == "mean" else float(batch_size)
+
+
+def _scaled_seed(root: torch.Tensor, grad, scale: float) -> torch.Tensor:
+    with _DISABLED():
+        base = torch.ones_like(root.as_subclass(torch.Tensor)) if grad is None else grad
+        return base * scale
+
+
+def _with_verdict(owner, kind, run: Callable[[], Any]) -> Callable[[], Any]:
+    """`run` with the owner told the loss's reduction for exactly its duration."""
+    if owner is None:
         return run
-    return lambda: func(*args, **kwargs)
+
+    def run_with_verdict():
+        owner.loss_verdict(kind)
+        try:
+            return run()
+        finally:
+            owner.loss_verdict(None)
+
+    return run_with_verdict
 
 
 # ----------------------------------------------------------------------------- rule helpers

@@ -22,7 +22,7 @@ LSG_MASKS = ("update", "random")
 # converted to plain Python float / int when the options are built (DPOptions.from_dict).
 FLOAT_OPTIONS = ("max_grad_norm", "noise_multiplier", "sample_rate", "expected_batch_size", "automatic_gamma",
                  "memory_budget_mb", "bsr_momentum", "bsr_weight_decay")
-INT_OPTIONS = ("seed", "instance", "dataset_size", "bsr_bands", "bsr_min_separation", "bsr_max_participations")
+INT_OPTIONS = ("seed", "instance", "sample_dim", "dataset_size", "bsr_bands", "bsr_min_separation", "bsr_max_participations")
 # expected_batch_size vs sample_rate * dataset_size: relative tolerance of the consistency check.
 DIVISOR_REL_TOL = 1e-9
 
@@ -104,9 +104,15 @@ class DPOptions:
     dataset_size: N, the number of records sampled from; with sample_rate and no
         expected_batch_size, expected_batch_size is derived as sample_rate·N. Given all three,
         expected_batch_size must equal sample_rate·dataset_size (relative 1e-9).
-    loss_reduction: how the loss seen by backward combines samples: "mean" (the
-        default of F.cross_entropy) or "sum". Used to recover each sample's own
-        gradient before clipping; clipping bounds each contribution either way.
+    loss_reduction: how a loss computed *inside* the compiled model (returned by forward)
+        combines samples: "mean" (the default of F.cross_entropy) or "sum". Used to recover
+        each sample's own gradient before clipping; clipping bounds each contribution either
+        way. A loss computed outside the model is analysed and its reduction inferred
+        (`dpcompile.loss_tracking`): `.sum()` and `.mean()` both work whatever this says.
+    sample_dim: the dimension of the inputs that holds the samples: 0 (batch-first, the
+        default) or e.g. 1 for time-major ``(T, B, d)`` inputs. The first tensor argument
+        gives the batch size; every other input must hold the same samples along this
+        dimension or none (a tensor shared by all samples).
     clipping: "flat" (C_i = min(1, R/‖g_i‖)) or "automatic" (C_i = R/(‖g_i‖+γ), Bu et al.).
     strategy: per-layer norm strategy: "auto" (sympy cost model), "ghost" or
         "instantiate" where possible.
@@ -151,6 +157,7 @@ class DPOptions:
     expected_batch_size: float | None = None
     dataset_size: int | None = None
     loss_reduction: str = "mean"
+    sample_dim: int = 0
     clipping: str = "flat"
     automatic_gamma: float = 0.01
     strategy: str = "auto"
@@ -224,6 +231,8 @@ class DPOptions:
              "that give non-finite gradients")
         need(self.loss_reduction in LOSS_REDUCTIONS,
              f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        need(_is_int(self.sample_dim) and self.sample_dim >= 0,
+             f"sample_dim must be an int >= 0 (the input dimension that holds the samples), got {self.sample_dim!r}")
         need(self.clipping in CLIPPING_MODES,
              f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
         need(_is_number(self.automatic_gamma) and self.automatic_gamma > 0,

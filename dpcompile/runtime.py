@@ -1,8 +1,10 @@
 """What runs each backward step around the compiled, rewritten backward graph."""
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -38,7 +40,32 @@ class OwnParametersOnly:
         outputs = self.compiled(args)
         if self.state is not None:  # a training forward (AOT runs it under no_grad)
             _mark_forward(outputs, args, self.ctx)
+            _note_forward_state(self.state)
         return outputs
+
+
+# The privacy states whose training forwards ran during a call of a compiled function (whose
+# state is found from the parameters its graphs take, not given at torch.compile time).
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def states_used() -> Iterator[list[Any]]:
+    """The privacy states of the training forwards run inside the block, in order."""
+    outer = getattr(_RECORDING, "states", None)
+    _RECORDING.states = used = []
+    try:
+        yield used
+    finally:
+        _RECORDING.states = outer
+        if outer is not None:
+            outer.extend(used)
+
+
+def _note_forward_state(state: Any) -> None:
+    used = getattr(_RECORDING, "states", None)
+    if used is not None and not any(s is state for s in used):
+        used.append(state)
 
 
 # A fresh tensor of each training forward carries a one-shot token: its dp backward consumes it,

@@ -35,6 +35,17 @@ SECRET_OPTIONS = ("seed", "instance")  # never in the public state
 _STATE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, PrivacyState]" = weakref.WeakKeyDictionary()
 
 
+def batch_size_of(inputs: Any, sample_dim: int = 0) -> int | None:
+    """The number of samples of a call: size `sample_dim` of its first tensor input with more
+    than `sample_dim` dimensions (the backend takes the batch from the same input)."""
+    from torch.utils import _pytree as pytree
+
+    for leaf in pytree.tree_leaves(inputs):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > sample_dim:
+            return int(leaf.shape[sample_dim])
+    return None
+
+
 class PrivacyState:
     """Everything one private model's releases depend on.
 
@@ -60,7 +71,7 @@ class PrivacyState:
         self.refusal: DPCompileError | None = None  # the backend's last refusal (suppress_errors may hide it)
         self.no_graph_reason: str | None = None  # why no dp graph can exist (Dynamo disabled)
         self.needs_secret = False  # a resumed run whose mechanism needs its secret state back (BSR)
-        self.loss_verdict: str | None = None  # how the loss of the coming backward combines samples
+        self.loss_verdict_kind: str | None = None  # set by the loss tracker for the backward it starts
         self._task: int | None = None
         self._runs_in_task: list[Any] = []  # CompileContext of each compiled backward run this pass
         self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
@@ -89,9 +100,38 @@ class PrivacyState:
                 pass
         return f"PrivacyState({', '.join(parts)})"
 
-    def track_outputs(self, outputs: Any) -> Any:
-        """The compiled model's outputs, as the loss tracker follows them to the backward."""
-        return outputs
+    def track_outputs(self, outputs: Any, inputs: Any) -> Any:
+        """The compiled model's outputs, wrapped so that the loss computed from them is analysed
+        (`dpcompile.loss_tracking`); the batch size is that of the first batched input. Outside
+        grad mode nothing can reach a backward, so outputs are returned as they are."""
+        if not torch.is_grad_enabled():
+            return outputs
+        batch_size = batch_size_of(inputs, self.options.sample_dim)
+        if batch_size is None:
+            return outputs  # no batched input: no dp graph either (refused at compile time)
+        from .loss_tracking import track_outputs
+        return track_outputs(outputs, batch_size, self, sample_dim=self.options.sample_dim)
+
+    @property
+    def in_graph_reduction(self) -> str:
+        """How the compiled backward graphs take the loss to combine samples (the option)."""
+        return self.options.loss_reduction
+
+    def loss_verdict(self, kind: str | None) -> None:
+        """Called by the loss tracker around a backward it starts: the loss is a separable
+        "mean" or "sum" over the samples (None: that backward is over)."""
+        self.loss_verdict_kind = kind
+
+    def check_loss_known(self, ctx: Any) -> None:
+        """A dp backward runs only from a loss the tracker analysed (or one the model returned)."""
+        if self.loss_verdict_kind is None:
+            raise DPCompileError(
+                "dpcompile: a backward reached the compiled model from a loss that dpcompile did not see being "
+                "computed from the model's outputs (an output turned into a plain tensor, e.g. by "
+                ".as_subclass(torch.Tensor), numpy or a custom autograd.Function, or an output without the "
+                f"samples along dimension {self.options.sample_dim}), so it cannot tell whether the loss mixes "
+                "samples. Nothing was released. Compute the loss with torch operations on the model's outputs, "
+                "or inside the compiled model (return it from forward)")
 
     def default_delta(self) -> float | None:
         """δ = 1/N^1.1 when the dataset size is known (N = expected batch size / sample rate)."""
@@ -169,6 +209,7 @@ class PrivacyState:
             self._micro_sums, self._samples_noted = [], False
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         self._check_releasable()
+        self.check_loss_known(ctx)
         self._runs_in_task.append(ctx)
 
     def _check_releasable(self) -> None:
@@ -239,7 +280,6 @@ class PrivacyState:
         runs, pending, micro = self._runs_in_task, self._pending, self._micro_sums
         self._task, self._runs_in_task, self._pending, self.graph_gradients = None, [], [], {}
         self._micro_sums = []
-        self.loss_verdict = None
         if len(runs) > 1 and not all(c.deferred for c in runs):
             for c in runs:
                 for p in c.params.values():

@@ -25,15 +25,16 @@ def batch(b: int = 6):
     return torch.randn(b, 4) * torch.linspace(0.05, 4.0, b)[:, None], torch.randint(0, 3, (b,))
 
 
-def oracle(model: nn.Module, x, y, max_grad_norm: float = R) -> list[torch.Tensor]:
-    """Σ_i clip(∇ℓ_i) / B in float64 from torch.func per-sample gradients (ℓ_i = cross-entropy of sample i)."""
+def oracle(model: nn.Module, x, y, max_grad_norm: float = R, per_sample_input=lambda xi: xi[None]) -> list:
+    """Σ_i clip(∇ℓ_i) / B in float64 from torch.func per-sample gradients (ℓ_i = cross-entropy of
+    sample i, whose input x[i] the model takes as `per_sample_input(x[i])`)."""
     from torch.func import functional_call, grad, vmap
 
     ref = copy.deepcopy(model).double()
     params = {k: v.detach() for k, v in ref.named_parameters()}
 
     def loss(p, xi, yi):
-        return F.cross_entropy(functional_call(ref, p, (xi[None],)), yi[None])
+        return F.cross_entropy(functional_call(ref, p, (per_sample_input(xi),)), yi[None])
 
     per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.double(), y)
     norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per.values()))
@@ -111,6 +112,144 @@ def test_a_tensor_hook_registered_before_compile_sees_the_clipped_gradient():
     torch.testing.assert_close(net[0].weight.grad.double(), 2 * expected[0], rtol=1e-4, atol=1e-6)
     for got, want in zip(grads_of(net)[1:], expected[1:]):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+# -- 2. the loss ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction, option", [("sum", "mean"), ("mean", "sum"), ("sum", "sum")])
+def test_a_loss_outside_the_model_has_its_reduction_inferred(reduction, option):
+    """The graphs are compiled for the loss_reduction option; a loss outside the model that reduces
+    otherwise gives the same (oracle) release: the reduction is inferred, not trusted."""
+    net = mlp()
+    model = torch.compile(net, backend="dp", options={**OPTIONS, "loss_reduction": option})
+    x, y = batch()
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+    for got, want in zip(grads_of(net), oracle(net, x, y)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def _centred(out, y):
+    return F.cross_entropy(out - out.mean(0), y)
+
+
+def _info_nce(out, y):
+    z = F.normalize(out, dim=1)
+    return F.cross_entropy(z @ z.T / 0.1, torch.arange(len(z)))
+
+
+def _token_mean_over_the_batch(out, y):
+    y = y.clone()
+    y[0] = -100  # ignored: the mean divides by the batch's count of the other samples
+    return F.cross_entropy(out, y, ignore_index=-100)
+
+
+def _batch_softmax(out, y):
+    return -(out.softmax(0)[torch.arange(len(y)), y]).log().mean()
+
+
+@pytest.mark.parametrize("loss_fn", [_centred, _info_nce, _token_mean_over_the_batch, _batch_softmax])
+def test_a_loss_that_mixes_samples_is_refused_before_backward(loss_fn):
+    net = mlp()
+    model = torch.compile(net, backend="dp", options=OPTIONS)
+    x, y = batch()
+    with pytest.raises(DPCompileError, match="test_fail_closed.py"):  # names the user's line
+        loss_fn(model(x), y).backward()
+    assert_nothing_released(net)
+
+
+def test_a_separable_loss_with_per_sample_weights_and_a_token_mean_per_sequence_is_exact():
+    """Per-sample weights and a mean over each sequence's own valid tokens keep samples apart."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 7, 4) * torch.linspace(0.1, 5, 5)[:, None, None], torch.randint(0, 3, (5, 7))
+    y[1, 3:] = -100
+    w = torch.rand(5) + 0.5
+    ref = copy.deepcopy(net).double()
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+
+    def loss(p, xi, yi, wi):
+        tok = F.cross_entropy(functional_call(ref, p, (xi,)), yi, reduction="none")
+        return wi * tok.sum() / (yi != -100).sum()
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x.double(), y, w.double())
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per.values()))
+    bound = float(norms.median())  # some samples clipped, some not
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+
+    model = torch.compile(net, backend="dp", options={**OPTIONS, "max_grad_norm": bound})
+    out = model(x)
+    per_token = F.cross_entropy(out.transpose(1, 2), y, reduction="none")
+    per_seq = per_token.sum(1) / (y != -100).sum(1)
+    (w * per_seq).mean().backward()
+    for got, g in zip(grads_of(net), per.values()):
+        want = (factors.view(-1, *[1] * (g.dim() - 1)) * g).sum(0) / 5
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_loss_computed_where_dpcompile_cannot_see_it_is_refused():
+    """An output turned into a plain tensor hides the loss: the dp backward refuses to run."""
+    net = mlp()
+    model = torch.compile(net, backend="dp", options=OPTIONS)
+    x, y = batch()
+    hidden = model(x).as_subclass(torch.Tensor)
+    with pytest.raises(DPCompileError, match="did not see being computed"):
+        F.cross_entropy(hidden - hidden.mean(0), y).backward()
+    assert_nothing_released(net)
+
+
+# -- 3. the sample dimension -------------------------------------------------------------------
+
+class TimeMajor(nn.Module):
+    """(T, B, d) inputs: the samples lie along dimension 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x)).mean(0))  # (B, 3)
+
+
+def test_time_major_inputs_clip_per_sample_with_the_sample_dim_option():
+    torch.manual_seed(0)
+    net = TimeMajor()
+    model = torch.compile(net, backend="dp", options={**OPTIONS, "sample_dim": 1})
+    T, B = 5, 6
+    x = torch.randn(T, B, 4) * torch.linspace(0.05, 6.0, B)[None, :, None]
+    y = torch.randint(0, 3, (B,))
+    F.cross_entropy(model(x), y).backward()
+    want = oracle(net, x.transpose(0, 1).contiguous(), y, per_sample_input=lambda xi: xi[:, None])
+    for got, w in zip(grads_of(net), want):
+        torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-6)
+
+
+def test_time_major_inputs_without_the_option_are_refused():
+    """Taken batch-first, the time steps would be the samples (sensitivity ~ T·R): refused."""
+    net = TimeMajor()
+    model = torch.compile(net, backend="dp", options=OPTIONS)
+    with pytest.raises(DPCompileError):
+        F.cross_entropy(model(torch.randn(5, 6, 4)), torch.randint(0, 3, (6,))).backward()
+    assert_nothing_released(net)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z).mean(0)
+
+
+def test_inputs_that_disagree_on_the_sample_dimension_are_refused():
+    """x is batch-first (6, 4), z time-major (5, 6, 4): which dimension holds z's samples?"""
+    net = TwoInputs()
+    model = torch.compile(net, backend="dp", options=OPTIONS)
+    with pytest.raises(DPCompileError, match="cannot prove which dimension"):
+        model(torch.randn(6, 4), torch.randn(5, 6, 4)).sum().backward()
+    assert_nothing_released(net)
 
 
 # -- 5. the release protocol ---------------------------------------------------------------

@@ -27,6 +27,9 @@ class Owner:
         self.log = log if log is not None else []
 
     def loss_verdict(self, kind):
+        if kind is None:  # the backward it announced is over
+            self.log.append(("verdict over", None))
+            return
         self.verdicts.append(kind)
         self.log.append(("verdict", kind))
 
@@ -349,7 +352,7 @@ def test_verdict_comes_before_the_gradients(model, data):
     raw.register_hook(lambda g: log.append(("output grad", tuple(g.shape))))
     out = track_outputs(raw, B, owner)
     F.cross_entropy(out, y).backward()
-    assert log == [("verdict", "mean"), ("output grad", (B, C))]
+    assert log == [("verdict", "mean"), ("output grad", (B, C)), ("verdict over", None)]
 
 
 def test_untracked_computations_are_untouched(owner):

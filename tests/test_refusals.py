@@ -112,8 +112,19 @@ class Regularised(nn.Module):
 
 
 def test_sample_free_gradient_term_is_refused():
+    model = Regularised()
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0})
+    out, penalty = compiled(torch.randn(5, 4))
+    with pytest.raises(DPCompileError) as info:
+        (out.pow(2).mean() + penalty).backward()
+    assert "does not come from any sample" in str(info.value) and "fc.weight" in str(info.value)
+    assert model.fc.weight.grad is None
+
+
+def test_a_nonlinear_function_of_a_returned_loss_is_refused_before_backward():
+    """The penalty the model returns is a reduced (loss-like) value: squaring it mixes samples."""
     text = refusal(Regularised(), torch.randn(5, 4))
-    assert "does not come from any sample" in text and "fc.weight" in text
+    assert "Tensor.pow" in text and "test_refusals.py" in text
 
 
 def test_embedding_scale_grad_by_freq_is_refused():
@@ -225,9 +236,11 @@ def test_two_calls_before_one_backward_are_refused():
     """Each call would be clipped on its own: one person's rows in both could reach 2R."""
     model = nn.Linear(3, 2)
     compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0})
-    loss = compiled(torch.randn(4, 3)).pow(2).mean() + compiled(torch.randn(4, 3)).pow(2).mean()
-    with pytest.raises(DPCompileError, match="several compiled graphs"):
-        loss.backward()
+    first, second = compiled(torch.randn(4, 3)), compiled(torch.randn(4, 3))
+    with pytest.raises(DPCompileError, match="two forward passes"):
+        first.pow(2).mean() + second.pow(2).mean()
+    with pytest.raises(DPCompileError, match="two forward passes"):  # two losses, one backward
+        torch.autograd.backward([first.pow(2).mean(), second.pow(2).mean()])
     assert model.weight.grad is None
 
 

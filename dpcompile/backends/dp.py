@@ -141,38 +141,75 @@ def register_state(options: dict, module: torch.nn.Module) -> PrivacyState:
 
 
 def _classify_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileContext) -> None:
+    """Kind of every graph input: "param", "buffer", "symint", "batched" (holds the samples along
+    the sample_dim option's dimension) or "free". The batch size is that of the first tensor the
+    user passed (not a module attribute Dynamo lifted in front of it)."""
+    dim = ctx.options.sample_dim
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    batch = None
-    for node, value in zip(placeholders, example_inputs):
+    pairs = list(zip(placeholders, example_inputs))
+    kinds = {}
+    for node, value in pairs:
         source = _source_name(node)
         if isinstance(value, torch.nn.Parameter) or "_parameters[" in source:
-            kind = "param"
+            kinds[node] = "param"
         elif "_buffers[" in source:
-            kind = "buffer"
+            kinds[node] = "buffer"
         elif not isinstance(value, torch.Tensor):
-            kind = "symint"
+            kinds[node] = "symint"
+    tensors = [(node, value) for node, value in pairs if node not in kinds]
+    users = [(node, value) for node, value in tensors if _is_user_input(_source_name(node))]
+    user_nodes = {node for node, _ in users}
+    batch = next((size for size in (_fake_size(n, v, dim) for n, v in users or tensors) if size is not None), None)
+    if batch is None:
+        raise DPCompileError(
+            f"dpcompile: the compiled model takes no batched tensor input; the first tensor argument must hold "
+            f"the samples along dimension {dim} (the sample_dim option)")
+    for node, value in tensors:
+        size = _fake_size(node, value, dim)
+        if size is not None and size[0] == batch[0]:
+            kinds[node] = "batched"
         else:
-            size0 = _fake_size0(node, value)
-            if batch is None and size0 is not None:
-                batch = size0
-            kind = "batched" if size0 is not None and size0[0] == batch[0] else "free"
+            if node in user_nodes:
+                _check_shared_input(node, value, batch, dim)
+            kinds[node] = "free"
+    for node, value in pairs:
+        kind = kinds[node]
         if kind in ("param", "buffer"):
-            ctx.param_names[len(ctx.input_kinds)] = _param_name(source, node.name)
+            ctx.param_names[len(ctx.input_kinds)] = _param_name(_source_name(node), node.name)
         if kind == "param":
             ctx.params[len(ctx.input_kinds)] = value
         ctx.input_kinds.append(kind)
-    if batch is None:
-        raise DPCompileError("dpcompile: the compiled model takes no batched tensor input; the first tensor "
-                             "argument must hold the samples along dimension 0")
     ctx.batch_size, ctx.batch_hint = batch
 
 
-def _fake_size0(node: fx.Node, value: torch.Tensor):
-    if value.dim() == 0:
+def _is_user_input(source: str) -> bool:
+    """An argument of the call (L['x'], L['kwargs']['mask']), not a global or an attribute of self."""
+    return not source.startswith(("L['self']", "G[")) and not re.match(r"^L\['[^']+'\]\.", source)
+
+
+def _check_shared_input(node: fx.Node, value: torch.Tensor, batch: tuple, dim: int) -> None:
+    """An input without the batch along `dim` is taken as shared by all samples; one that has
+    the batch's size along another dimension may hold the samples there (time-major next to
+    batch-first): refused, since clipping would cut it into the wrong samples."""
+    fake = node.meta.get("example_value")
+    shape = fake.shape if isinstance(fake, torch.Tensor) else value.shape
+    elsewhere = [d for d in range(len(shape)) if d != dim and to_expr(shape[d]) == batch[0]]
+    if elsewhere and int(batch[1]) > 1:
+        raise DPCompileError(
+            f"dpcompile: input `{_source_name(node)}` of shape {tuple(value.shape)} has {batch[1]} entries along "
+            f"dimension {elsewhere[0]}, where the first input holds its {batch[1]} samples along dimension {dim}: "
+            "dpcompile cannot prove which dimension holds this input's samples. Pass every per-sample input with "
+            f"the samples along dimension {dim}, or set the sample_dim option to the dimension that holds them "
+            "(e.g. sample_dim=1 for time-major (T, B, ...) inputs)")
+
+
+def _fake_size(node: fx.Node, value: torch.Tensor, dim: int):
+    """(size along `dim` as a sympy expression, its value), or None if the tensor has no such dim."""
+    if value.dim() <= dim:
         return None
     fake = node.meta.get("example_value")
-    size = fake.shape[0] if isinstance(fake, torch.Tensor) else value.shape[0]
-    return to_expr(size), int(value.shape[0])
+    size = fake.shape[dim] if isinstance(fake, torch.Tensor) else value.shape[dim]
+    return to_expr(size), int(value.shape[dim])
 
 
 def _source_name(node: fx.Node) -> str:

@@ -81,8 +81,9 @@ class _PrivateDecorator:
 
     def __call__(self, fn: Any) -> Any:
         module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
-        if not isinstance(module, torch.nn.Module):
-            return self.inner(fn)
+        if not isinstance(module, torch.nn.Module):  # a function: its state comes from its parameters
+            compiled = self.inner(fn)
+            return compiled if compiled is fn else _private_function(compiled, None)
         kwargs = getattr(self.backend, "kwargs", None)
         options = (kwargs or {}).get("options")
         state = own_state(module, options)
@@ -137,18 +138,26 @@ def unwrap_refusal(error: BaseException) -> BaseException:
 
 
 def _call_privately(call: Any, state: PrivacyState | None, args: tuple, kwargs: dict) -> Any:
+    """Run the compiled call; surface a refusal as itself; track the outputs for the loss.
+
+    `state` None: a compiled function, whose state is that of the parameters its graphs took."""
+    from ..runtime import states_used
+
     try:
-        out = call(*args, **kwargs)
+        with states_used() as used:
+            out = call(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         inner = unwrap_refusal(e)
         if inner is e:
             raise
         raise inner.with_traceback(None) from None
     if state is None:
-        return out
+        if len(used) != 1:
+            return out  # no private forward ran (or several models': each loss is refused at backward)
+        state = used[0]
     if state.refusal is not None and torch.is_grad_enabled():  # suppress_errors ran the model eagerly
         raise state.refusal.with_traceback(None)
-    return state.track_outputs(out)
+    return state.track_outputs(out, (args, kwargs))
 
 
 @functools.lru_cache(None)
@@ -169,7 +178,7 @@ class PrivateModule:
         return _call_privately(super().__call__, state, args, kwargs)
 
 
-def _private_function(compiled: Any, state: PrivacyState) -> Any:
+def _private_function(compiled: Any, state: PrivacyState | None) -> Any:
     @functools.wraps(compiled)
     def call(*args: Any, **kwargs: Any) -> Any:
         return _call_privately(compiled, state, args, kwargs)

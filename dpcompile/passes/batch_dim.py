@@ -140,7 +140,8 @@ def _placeholder_layouts(placeholders: list[fx.Node], ctx: CompileContext, which
                 f"dpcompile: forward graph has {len(placeholders)} inputs but dynamo gave "
                 f"{len(ctx.input_kinds)}; this model's input structure is not supported yet"
             )
-        return {p.name: (Batched(0) if kind == "batched" else FREE)
+        batched = Batched(ctx.options.sample_dim)
+        return {p.name: (batched if kind == "batched" else FREE)
                 for p, kind in zip(placeholders, ctx.input_kinds)}
     layouts = {}
     tangents = [p for p in placeholders if p.name.startswith("tangents")]
