@@ -82,7 +82,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget-mb", type=float, default=None)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other dp backend option, value as a Python literal (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the example inputs, targets and noise")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example inputs and targets (the noise is seeded from OS entropy)")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -167,7 +167,7 @@ def _setup(args: argparse.Namespace):
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"max_grad_norm": args.max_grad_norm, "noise_multiplier": args.noise_multiplier,
-                               "strategy": args.strategy, "seed": args.seed}
+                               "strategy": args.strategy}
     if args.memory_budget_mb is not None:
         options["memory_budget_mb"] = args.memory_budget_mb
     for item in args.option:

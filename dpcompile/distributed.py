@@ -74,7 +74,7 @@ NOISE_RANK = 0  # group rank that adds the step's noise
 ATTR = "data_parallel"  # attribute of PrivacyState holding the DataParallel below
 BUCKET_BYTES = 32 << 20
 # Settings that may differ between ranks: everything else of DPOptions must agree.
-RANK_LOCAL_OPTIONS = ("seed", "instance")
+RANK_LOCAL_OPTIONS = ("insecure_seed", "instance")
 # DDP communication hooks known to average over the group with equal weights.
 AVERAGING_HOOKS = ("allreduce_hook", "fp16_compress_hook", "bf16_compress_hook")
 

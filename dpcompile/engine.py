@@ -36,7 +36,7 @@ from .options import validate_make_private_args
 def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
                  max_grad_norm: float = 1.0, target_epsilon: float | None = None, target_delta: float = 1e-5,
                  epochs: float | None = None, noise_multiplier: float | None = None,
-                 max_physical_batch_size: int | None = None, seed: int | None = None,
+                 max_physical_batch_size: int | None = None, insecure_seed: int | None = None,
                  accountant: str = "pld", noise_mechanism: str = "gaussian", bands: int | None = None,
                  data_parallel: bool | None = None, **options: Any):
     """Returns (compiled model, DPOptimizer, DPDataLoader). Extra keyword arguments are dp backend options.
@@ -50,13 +50,14 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data
     the gradients. False: this rank trains on its own.
     """
     validate_make_private_args(max_physical_batch_size=max_physical_batch_size, target_epsilon=target_epsilon,
-                               target_delta=target_delta, epochs=epochs, noise_multiplier=noise_multiplier, seed=seed)
+                               target_delta=target_delta, epochs=epochs, noise_multiplier=noise_multiplier,
+                               insecure_seed=insecure_seed)
     group = make_private_group(module, data_parallel)
     if noise_mechanism != "gaussian" or bands is not None:
         return _make_private_bsr(module, optimizer, data_loader, noise_mechanism, bands, max_grad_norm=max_grad_norm,
                                  target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs,
                                  noise_multiplier=noise_multiplier, max_physical_batch_size=max_physical_batch_size,
-                                 seed=seed, accountant=accountant, options=options, group=group)
+                                 insecure_seed=insecure_seed, accountant=accountant, options=options, group=group)
     n = len(data_loader.dataset)
     batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
     if not batch_size:
@@ -71,7 +72,7 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data
         noise_multiplier = calibrate_noise_multiplier(target_epsilon, target_delta, sample_rate,
                                                       int(round(epochs * steps_per_epoch)), mechanism=accountant)
     backend_options = dict(options, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
-                           sample_rate=sample_rate, expected_batch_size=sample_rate * n, seed=seed,
+                           sample_rate=sample_rate, expected_batch_size=sample_rate * n, insecure_seed=insecure_seed,
                            accountant=accountant)
     state = register_state(backend_options, module)
     state.sampling_audit = None  # make_private draws the Poisson batches itself
@@ -196,7 +197,7 @@ def _mark_batch_dynamic(batch: Any) -> Any:
 def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
                       noise_mechanism: str, bands: int | None, *, max_grad_norm: float,
                       target_epsilon: float | None, target_delta: float, epochs: float | None,
-                      noise_multiplier: float | None, max_physical_batch_size: int | None, seed: int | None,
+                      noise_multiplier: float | None, max_physical_batch_size: int | None, insecure_seed: int | None,
                       accountant: str, options: dict[str, Any], group: Any = None):
     """BSR over b = ⌈N / batch_size⌉ fixed cyclic batches; σ = μ(ε, δ)·sens(C) over epochs·b steps.
 
@@ -206,7 +207,8 @@ def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     from . import bsr
 
     validate_make_private_args(max_physical_batch_size=max_physical_batch_size, target_epsilon=target_epsilon,
-                               target_delta=target_delta, epochs=epochs, noise_multiplier=noise_multiplier, seed=seed)
+                               target_delta=target_delta, epochs=epochs, noise_multiplier=noise_multiplier,
+                               insecure_seed=insecure_seed)
 
     def refuse(message: str) -> None:
         raise DPCompileError(f"dpcompile.make_private(noise_mechanism='bsr'): {message}")
@@ -246,7 +248,7 @@ def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     backend_options = dict(options, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
                            noise_mechanism="bsr", bsr_bands=bands, bsr_momentum=momentum,
                            bsr_weight_decay=weight_decay, bsr_min_separation=num_batches,
-                           expected_batch_size=n / num_batches, seed=seed, accountant=accountant)
+                           expected_batch_size=n / num_batches, insecure_seed=insecure_seed, accountant=accountant)
     state = register_state(backend_options, module)
     state.cyclic_batches_verified = True  # make_private draws the cyclic batches itself
     if group is not None:  # same seed (hence the same cyclic partition) and parameters on every rank

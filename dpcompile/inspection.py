@@ -37,7 +37,7 @@ from .passes.base import HOOKS, CompileContext, PassRecord
 
 log = logging.getLogger("dpcompile")
 LOG_TOPICS = ("passes", "diff", "table", "graphs")
-DEFAULT_OPTIONS = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "seed": 0}
+DEFAULT_OPTIONS = {"max_grad_norm": 1.0, "noise_multiplier": 1.0}
 RUNTIME_INPUT_PREFIXES = ("dp_", "lsg_")
 
 
@@ -345,7 +345,7 @@ class Report:
             "divisor": opts.expected_batch_size or "actual batch size",
             "sample_rate": opts.sample_rate,
             "accountant": opts.accountant,
-            "seed": opts.seed,
+            "seed": "secret (OS entropy)" if opts.insecure_seed is None else f"insecure_seed={opts.insecure_seed}",
             "noise_coordinates": sum(c.plan.get("noise_numel", 0) for c in self.contexts),
             "graph_breaks": len(self.contexts) - 1,
             "clipped_per": "sample, over the whole model gradient (all graphs)",
@@ -484,7 +484,7 @@ def format_privacy(summary: dict[str, Any]) -> str:
         f"mechanism        : {mech}",
         f"clipping         : {clip}, per {s['clipped_per']}",
         f"noise            : σ = {s['noise_multiplier']:g}, std σ·R = {s['noise_std']:g} on "
-        f"{s['noise_coordinates']} coordinates, once per logical step (runtime input, seed {s['seed']})",
+        f"{s['noise_coordinates']} coordinates, once per logical step (runtime input; seed {s['seed']})",
         f"gradient         : (Σ_i C_i g_i + noise) / {s['divisor']}; loss reduction '{s['loss_reduction']}'",
         "sampling         : " + _sampling_text(s),
     ]
@@ -635,7 +635,7 @@ def inspect_model(model: nn.Module, example_inputs: Any, *, target: torch.Tensor
     and report what every pass did. `loss_fn(output, target)` defaults to cross-entropy
     against random class ids over the output's last dim; `target` overrides them (with another
     loss_fn and no target: Gaussian targets shaped like the output). `options` are the dp
-    backend options (defaults: max_grad_norm 1, noise_multiplier 1, seed 0)."""
+    backend options (defaults: max_grad_norm 1, noise_multiplier 1)."""
     captured = capture_step(model, example_inputs, target=target, loss_fn=loss_fn, options=options)
     names = [f"input {i}" for i in range(len(captured.inputs))] + ["target"]
     return Report(captured.contexts, model_name=type(captured.model).__name__,

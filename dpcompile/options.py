@@ -5,7 +5,6 @@ import dataclasses
 import fnmatch
 import math
 import numbers
-import os
 from typing import Any
 
 from .accounting import MIN_ACCOUNTED_NOISE_MULTIPLIER
@@ -22,7 +21,7 @@ LSG_MASKS = ("update", "random")
 # converted to plain Python float / int when the options are built (DPOptions.from_dict).
 FLOAT_OPTIONS = ("max_grad_norm", "noise_multiplier", "sample_rate", "expected_batch_size", "automatic_gamma",
                  "memory_budget_mb", "bsr_momentum", "bsr_weight_decay")
-INT_OPTIONS = ("seed", "instance", "sample_dim", "dataset_size", "bsr_bands", "bsr_min_separation", "bsr_max_participations")
+INT_OPTIONS = ("insecure_seed", "instance", "sample_dim", "dataset_size", "bsr_bands", "bsr_min_separation", "bsr_max_participations")
 # expected_batch_size vs sample_rate * dataset_size: relative tolerance of the consistency check.
 DIVISOR_REL_TOL = 1e-9
 
@@ -120,7 +119,10 @@ class DPOptions:
         per-sample gradients; above it, ghost norms are used. The default (2048) admits a
         GPT-2 head's fp32 per-sample gradients at B·T = 8192 (1178 MiB, faster than ghost
         norms at the same peak memory on an H200) but not at B=32, T=256 (2.3 GiB).
-    seed: seed of the noise stream; None draws one from the OS (recorded in state_dict).
+    insecure_seed: None (the default): every noise and sampling stream is seeded from OS
+        entropy, a secret kept out of every model and optimizer checkpoint. An int makes the
+        noise reproducible by anyone who knows it (who can then subtract it; two runs with the
+        same seed on neighbouring data cancel it): for tests and debugging only.
     accountant: "pld" or "rdp" (dp-accounting).
     check_finite: always True: a batch in which any per-sample gradient norm is NaN/inf is
         refused before anything is released (one device sync a step). False is refused: a
@@ -162,7 +164,7 @@ class DPOptions:
     automatic_gamma: float = 0.01
     strategy: str = "auto"
     memory_budget_mb: float = 2048.0
-    seed: int | None = None
+    insecure_seed: int | None = None
     accountant: str = "pld"
     check_finite: bool = True
     lsg: LSGOptions | None = None
@@ -182,6 +184,11 @@ class DPOptions:
     def from_dict(cls, options: dict[str, Any] | None) -> "DPOptions":
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}
+        if "seed" in options:
+            raise DPCompileError(
+                "dp backend option 'seed' is now called insecure_seed: a known seed lets anyone regenerate the "
+                "noise and subtract it. Leave it out (the noise is seeded from OS entropy), or pass "
+                "insecure_seed=... for tests and debugging only")
         unknown = sorted(set(options) - known)
         if unknown:
             raise DPCompileError(
@@ -192,8 +199,6 @@ class DPOptions:
             options["bsr_coefficients"] = tuple(options["bsr_coefficients"])
         if isinstance(options.get("inductor"), dict):  # a tuple of items: the options stay hashable
             options["inductor"] = tuple(sorted(options["inductor"].items()))
-        if options.get("seed") is None:
-            options["seed"] = int.from_bytes(os.urandom(8), "little") >> 1
         _to_python_numbers(options, FLOAT_OPTIONS, INT_OPTIONS)
         if isinstance(options.get("bsr_coefficients"), tuple):
             options["bsr_coefficients"] = tuple(float(c) if _is_number(c) else c for c in options["bsr_coefficients"])
@@ -241,7 +246,8 @@ class DPOptions:
              f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         need(_is_number(self.memory_budget_mb) and self.memory_budget_mb >= 0,
              f"memory_budget_mb must be a finite number >= 0, got {self.memory_budget_mb!r}")
-        need(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        need(self.insecure_seed is None or _is_int(self.insecure_seed),
+             f"insecure_seed must be an int or None, got {self.insecure_seed!r}")
         need(isinstance(self.triton_kernels, bool), f"triton_kernels must be True or False, got {self.triton_kernels!r}")
         need(self.accountant in ACCOUNTANTS,
              f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
@@ -329,7 +335,7 @@ class DPOptions:
 
 def validate_make_private_args(*, max_physical_batch_size: Any = None, target_epsilon: Any = None,
                                target_delta: Any = 1e-5, epochs: Any = None, noise_multiplier: Any = None,
-                               seed: Any = None) -> None:
+                               insecure_seed: Any = None) -> None:
     """`dpcompile.make_private`'s own arguments, checked before anything is calibrated or compiled.
 
     None means "not given" for every argument but target_delta. Raises DPCompileError naming
@@ -350,7 +356,8 @@ def validate_make_private_args(*, max_physical_batch_size: Any = None, target_ep
          f"epochs must be a positive finite number, got {epochs!r}")
     need(noise_multiplier is None or (_is_number(noise_multiplier) and noise_multiplier >= 0),
          f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    need(seed is None or _is_int(seed), f"seed must be an int or None, got {seed!r}")
+    need(insecure_seed is None or _is_int(insecure_seed),
+         f"insecure_seed must be an int or None, got {insecure_seed!r}")
 
 
 def _require(ok: bool, message: str) -> None:

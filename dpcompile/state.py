@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import secrets
+import warnings
 import weakref
 from typing import Any
 
@@ -29,10 +31,19 @@ STATE_ATTR = "_dpcompile_state"
 GUARD_ATTR = "_dpcompile_guarded"
 IN_GRAPH_ATTR = "_dpcompile_in_graph"  # an input of some dp-compiled graph: its gradient is clipped there
 NAME_ATTR = "_dpcompile_name"
-SECRET_OPTIONS = ("seed", "instance")  # never in the public state
+SECRET_OPTIONS = ("insecure_seed", "instance")  # never in the public state
 # compiled module -> its state, for privacy_state(model) under FSDP2 (whose registered parameters are
 # shards without STATE_ATTR). Weak and outside the module: copy.deepcopy(model) must not copy the state.
 _STATE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, PrivacyState]" = weakref.WeakKeyDictionary()
+
+
+class InsecureSeedWarning(UserWarning):
+    """A privacy state whose noise is seeded from a known value (the insecure_seed option)."""
+
+
+def secret_seed() -> int:
+    """A 63-bit seed from the OS's cryptographic entropy source (the default for every stream)."""
+    return secrets.randbits(63)
 
 
 def batch_size_of(inputs: Any, sample_dim: int = 0) -> int | None:
@@ -58,7 +69,11 @@ class PrivacyState:
 
     def __init__(self, options: DPOptions) -> None:
         self.options = options
-        self.seed = options.seed  # secret: drawn from OS entropy unless insecure_seed was given
+        self.seed = secret_seed() if options.insecure_seed is None else options.insecure_seed
+        if options.insecure_seed is not None:
+            warnings.warn("dpcompile: insecure_seed is set: whoever knows it can regenerate and subtract the noise. "
+                          "For tests and debugging only; leave it out to train privately", InsecureSeedWarning,
+                          stacklevel=2)
         self.steps = 0  # noisy releases so far
         self.skipped_steps = 0  # Poisson draws with no sample: nothing released, still accounted
         self.accountant = PrivacyAccountant(options.accountant)
@@ -84,7 +99,7 @@ class PrivacyState:
         self._samples_noted = False  # this backward's batch size is counted
         self.sampling_audit = _poisson_audit(options)  # plain API: do the batch sizes look Poisson-sampled?
         self.bsr = self._make_correlated_noise(options)  # None unless noise_mechanism == "bsr"
-        self.lsg = LSGProjector(options.lsg, options.seed) if options.lsg is not None else None
+        self.lsg = LSGProjector(options.lsg, self.seed) if options.lsg is not None else None
 
     def __repr__(self) -> str:
         opts = self.options
@@ -92,6 +107,8 @@ class PrivacyState:
                  f"max_grad_norm={opts.max_grad_norm:g}", f"mechanism={opts.noise_mechanism!r}"]
         if opts.sample_rate is not None:
             parts.append(f"sample_rate={opts.sample_rate:g}")
+        if opts.insecure_seed is not None:
+            parts.append("INSECURE: noise reproducible from insecure_seed")
         delta = self.default_delta()
         if delta is not None:
             try:

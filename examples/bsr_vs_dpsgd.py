@@ -40,7 +40,8 @@ def train(train_set, method: dict, epsilon: float, args, seed: int):
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
     loader = DataLoader(train_set, batch_size=args.batch_size)
     private = dict(target_epsilon=epsilon, target_delta=args.delta, epochs=args.epochs,
-                   max_grad_norm=args.max_grad_norm, seed=seed, **method["options"])
+                   max_grad_norm=args.max_grad_norm, insecure_seed=seed,  # paired runs: a comparison, not a release
+                   **method["options"])
     model, opt, loader = dpcompile.make_private(net, opt, loader, **private)
     state = dpcompile.privacy_state(net)
     planned = args.epochs * len(loader)

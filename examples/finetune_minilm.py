@@ -149,7 +149,7 @@ def train(bert, train_set, args, epsilon: float | None) -> tuple[TopLayersClassi
     if epsilon is not None:
         run_model, opt, loader = dpcompile.make_private(
             model, opt, loader, target_epsilon=epsilon, target_delta=args.delta, epochs=args.epochs,
-            max_grad_norm=args.max_grad_norm, max_physical_batch_size=args.physical_batch, seed=args.seed)
+            max_grad_norm=args.max_grad_norm, max_physical_batch_size=args.physical_batch)
     epochs = args.epochs if epsilon is not None else args.epochs_nonprivate
     for _ in range(epochs):
         for hidden, mask, y in loader:

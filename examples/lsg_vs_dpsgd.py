@@ -59,7 +59,7 @@ def train(train_set, test_set, lsg, args, epsilon: float, seed: int):
     extra = {"lsg": lsg} if lsg else {}
     model, opt, loader = dpcompile.make_private(net, opt, loader, target_epsilon=epsilon, target_delta=1e-5,
                                                 epochs=args.epochs, max_grad_norm=args.max_grad_norm,
-                                                seed=seed, **extra)
+                                                insecure_seed=seed, **extra)  # paired comparison runs
     times = []
     for _ in range(args.epochs):
         for x, y in loader:

@@ -105,7 +105,8 @@ def train(task, train_set, token_variance, args, seed):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     loader = DataLoader(train_set, batch_size=args.batch_size)
     model, opt, loader = dpcompile.make_private(net, opt, loader, target_epsilon=args.epsilon, target_delta=args.delta,
-                                                epochs=args.epochs, max_grad_norm=args.max_grad_norm, seed=seed)
+                                                epochs=args.epochs, max_grad_norm=args.max_grad_norm,
+                                                insecure_seed=seed)  # paired comparison runs
     for _ in range(args.epochs):
         for x, y in loader:
             F.cross_entropy(model(x), y).backward()

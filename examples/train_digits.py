@@ -77,7 +77,7 @@ def main() -> None:
 
     start = time.time()
     private = dict(target_epsilon=args.epsilon, target_delta=args.delta, epochs=args.epochs,
-                   max_grad_norm=args.max_grad_norm, seed=0)
+                   max_grad_norm=args.max_grad_norm)
     net = train(train_set, args.epochs, lr=0.5, batch_size=args.batch_size, private=private)
     state = dpcompile.privacy_state(net)
     private_seconds = time.time() - start

@@ -91,7 +91,7 @@ def test_recursion_solves_c_w_equals_z(bands):
 
 def bsr_state(bands=4, momentum=0.0, seed=3, **options):
     opts = {"noise_mechanism": "bsr", "bsr_bands": bands, "bsr_momentum": momentum, "bsr_min_separation": 5,
-            "noise_multiplier": 1.0, "seed": seed, **options}
+            "noise_multiplier": 1.0, "insecure_seed": seed, **options}
     return PrivacyState(DPOptions.from_dict(opts))
 
 
@@ -261,7 +261,7 @@ def test_compiled_bsr_clips_like_the_oracle_and_adds_c_inverse_noise():
     model = MLP()
     x, y = MLP.batch(6)
     opts = {"noise_mechanism": "bsr", "bsr_bands": 3, "bsr_momentum": 0.9, "bsr_min_separation": 2,
-            "max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "seed": 11}
+            "max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "insecure_seed": 11}
     compiled = torch.compile(model, backend="dp", options=opts)
     dpcompile.privacy_state(model).cyclic_batches_verified = True  # the test vouches for the schema
     clipped, norms = oracle_clipped_sum(model, x, y, R)
@@ -290,7 +290,7 @@ def test_graph_break_path_uses_the_same_correlated_noise():
     model = BreakNet()
     x, y = BreakNet.batch(5)
     opts = {"noise_mechanism": "bsr", "bsr_bands": 2, "bsr_max_participations": 1,
-            "max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "seed": 5}
+            "max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "insecure_seed": 5}
     compiled = torch.compile(model, backend="dp", options=opts)
     dpcompile.privacy_state(model).cyclic_batches_verified = True  # the test vouches for the schema
     clipped, _ = oracle_clipped_sum(model, x, y, R)
@@ -322,7 +322,7 @@ def private_run(seed=4, physical=None, **kwargs):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
-    options = dict(target_epsilon=3.0, epochs=3, max_grad_norm=1.0, seed=seed, noise_mechanism="bsr", bands=4,
+    options = dict(target_epsilon=3.0, epochs=3, max_grad_norm=1.0, insecure_seed=seed, noise_mechanism="bsr", bands=4,
                    max_physical_batch_size=physical, **kwargs)
     return (net, *dpcompile.make_private(net, opt, DataLoader(dataset(), batch_size=12), **options))
 

@@ -72,7 +72,7 @@ def make_private_run(seed: int | None, physical: int | None) -> dict:
     net = network()
     model, opt, loader = dpcompile.make_private(
         net, torch.optim.SGD(net.parameters(), lr=0.5), DataLoader(dataset(), batch_size=8),
-        noise_multiplier=1.0, max_grad_norm=0.5, seed=seed, max_physical_batch_size=physical)
+        noise_multiplier=1.0, max_grad_norm=0.5, insecure_seed=seed, max_physical_batch_size=physical)
     state = dpcompile.privacy_state(net)
     micro_batches = own_releases = 0  # own_releases: steps whose releasing backward ran on this rank
     for sample_rate, steps in ((loader.sample_rate, MP_STEPS), (1e-9, 2)):
@@ -139,7 +139,7 @@ class _null:
 def ddp_run(rank: int) -> dict:
     torch._dynamo.config.optimize_ddp = False
     net = network()
-    options = dict(DDP_OPTIONS, seed=3 if rank == 0 else 1234)  # rank 1's seed is replaced by rank 0's
+    options = dict(DDP_OPTIONS, insecure_seed=3 if rank == 0 else 1234)  # rank 1's seed is replaced by rank 0's
     model = DDP(torch.compile(net, backend="dp", options=options))
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     params = compiled_run(model, net, opt, lambda t: t[rank * PER_RANK:(rank + 1) * PER_RANK], model.no_sync)
@@ -154,7 +154,7 @@ def fsdp_run(rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     net = network()
-    options = dict(DDP_OPTIONS, seed=3 if rank == 0 else 1234)
+    options = dict(DDP_OPTIONS, insecure_seed=3 if rank == 0 else 1234)
     model = fully_shard(torch.compile(net, backend="dp", options=options))
     opt = torch.optim.SGD(net.parameters(), lr=0.5)  # FSDP2's DTensor shards
     params = compiled_run(model, net, opt, lambda t: t[rank * PER_RANK:(rank + 1) * PER_RANK],
@@ -238,7 +238,7 @@ def refusals(rank: int, ddp_model) -> dict:
     state.release_next = True
 
     torch._dynamo.config.optimize_ddp = True  # Dynamo's DDPOptimizer: one graph per bucket
-    split = DDP(torch.compile(network(), backend="dp", options=dict(DDP_OPTIONS, seed=1)))
+    split = DDP(torch.compile(network(), backend="dp", options=dict(DDP_OPTIONS, insecure_seed=1)))
     expect("ddp_optimizer", lambda: split(x))
     torch._dynamo.config.optimize_ddp = False
 
@@ -246,7 +246,7 @@ def refusals(rank: int, ddp_model) -> dict:
 
     net = network()
     model, opt, _ = dpcompile.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1),
-                                           DataLoader(dataset(), batch_size=8), noise_multiplier=1.0, seed=1)
+                                           DataLoader(dataset(), batch_size=8), noise_multiplier=1.0, insecure_seed=1)
     expect("make_private_in_ddp", lambda: DDP(model)(x))
     expect("make_private_of_ddp", lambda: dpcompile.make_private(
         DDP(network()), opt, DataLoader(dataset(), batch_size=8), noise_multiplier=1.0))
@@ -271,9 +271,9 @@ def fsdp_refusals(fsdp_model) -> dict:
         expect("no_sync_release", lambda: fsdp_model(x))
     torch._dynamo.reset()
     expect("no_expected_batch_size", lambda: fully_shard(torch.compile(
-        network(), backend="dp", options={"noise_multiplier": 1.0, "seed": 1}))(x))
+        network(), backend="dp", options={"noise_multiplier": 1.0, "insecure_seed": 1}))(x))
     torch._dynamo.reset()
-    sharded = fully_shard(torch.compile(network(), backend="dp", options=dict(DDP_OPTIONS, seed=1)))
+    sharded = fully_shard(torch.compile(network(), backend="dp", options=dict(DDP_OPTIONS, insecure_seed=1)))
     sharded.set_gradient_divide_factor(1.0)  # a sum over the ranks, not the average
     expect("divide_factor", lambda: sharded(x))
     return messages
@@ -298,7 +298,7 @@ def ddp_refusals(x, expect) -> None:
 
     def wrapped(net=None, ignore=(), **changes):
         torch._dynamo.reset()  # a fresh compile each time (Sequential.forward would hit the recompile limit)
-        options = {k: v for k, v in dict(DDP_OPTIONS, seed=1, **changes).items() if v is not None}
+        options = {k: v for k, v in dict(DDP_OPTIONS, insecure_seed=1, **changes).items() if v is not None}
         compiled = torch.compile(net or network(), backend="dp", options=options)
         DDP._set_params_and_buffers_to_ignore_for_model(compiled, list(ignore))  # names as DDP sees them
         return DDP(compiled)
@@ -348,7 +348,7 @@ def test_two_ranks_equal_one_process_on_the_union_batch(tmp_path):
     single = make_private_run(MP_SEED, None)  # whole logical batches, one backward each
     torch._dynamo.reset()
     net = network()
-    reference = compiled_run(torch.compile(net, backend="dp", options=dict(DDP_OPTIONS, seed=3)), net,
+    reference = compiled_run(torch.compile(net, backend="dp", options=dict(DDP_OPTIONS, insecure_seed=3)), net,
                              torch.optim.SGD(net.parameters(), lr=0.5), lambda t: t)
     ddp_epsilon = dpcompile.privacy_spent(net, DELTA)
     ddp_buffers = bsr_buffers(dpcompile.privacy_state(net))

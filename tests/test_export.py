@@ -39,7 +39,7 @@ def test_mlp_step_exports_checks_and_matches_the_oracle(tmp_path):
     model, (x, y) = MLP(), MLP.batch(8)
     R, sigma = 0.05, 0.8  # small R: every sample is clipped
     exported = export_onnx(model, x, tmp_path / "mlp.onnx", target=y,
-                           options={"max_grad_norm": R, "noise_multiplier": sigma, "seed": 3})
+                           options={"max_grad_norm": R, "noise_multiplier": sigma, "insecure_seed": 3})
     proto = onnx.load(str(tmp_path / "mlp.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     names = [n for n, _ in model.named_parameters()]
@@ -66,7 +66,7 @@ def test_mlp_step_exports_checks_and_matches_the_oracle(tmp_path):
 def test_cnn_step_matches_the_oracle_and_flags_failed_checks():
     torch.manual_seed(1)
     model, (x, y) = CNN(), CNN.batch(4)
-    exported = export_onnx(model, x, target=y, options={"max_grad_norm": 0.5, "noise_multiplier": 1.0, "seed": 5},
+    exported = export_onnx(model, x, target=y, options={"max_grad_norm": 0.5, "noise_multiplier": 1.0, "insecure_seed": 5},
                            optimize=False)
     session = exported.session()
     feeds = exported.example_feeds

@@ -334,6 +334,26 @@ def test_the_noise_seed_is_secret_drawn_from_os_entropy_and_kept_out_of_checkpoi
     assert str(state.seed) not in repr(net.state_dict()) + repr(opt.state_dict()) + repr(state)
 
 
+def test_reproducible_noise_needs_the_loudly_named_opt_in():
+    """`seed` is refused by name; insecure_seed warns, shows in the repr and reproduces the noise."""
+    with pytest.raises(DPCompileError, match="now called insecure_seed"):
+        torch.compile(mlp(), backend="dp", options={**OPTIONS, "seed": 3})
+    with pytest.raises(DPCompileError, match="now called insecure_seed"):
+        dpcompile.make_private(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1),
+                               torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch(8)), batch_size=4),
+                               noise_multiplier=1.0, seed=3)
+    releases = []
+    for _ in range(2):
+        net = mlp()
+        with pytest.warns(dpcompile.state.InsecureSeedWarning):
+            model = torch.compile(net, backend="dp", options={**OPTIONS, "noise_multiplier": 1.0, "insecure_seed": 3})
+        assert "INSECURE" in repr(dpcompile.privacy_state(net))
+        x, y = batch()
+        F.cross_entropy(model(x), y).backward()
+        releases.append(torch.cat([g.flatten() for g in grads_of(net)]))
+    assert torch.equal(releases[0], releases[1])
+
+
 def test_a_public_state_cannot_be_loaded_as_a_secret_one_or_vice_versa():
     net = mlp()
     torch.compile(net, backend="dp", options=dict(OPTIONS))

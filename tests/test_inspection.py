@@ -36,7 +36,7 @@ class SeqNet(nn.Module):
 @pytest.fixture(scope="module")
 def mlp_report():
     torch.manual_seed(0)
-    return inspection.inspect_model(MLP(), torch.randn(8, 10), options={"noise_multiplier": 1.3, "seed": 1})
+    return inspection.inspect_model(MLP(), torch.randn(8, 10), options={"noise_multiplier": 1.3, "insecure_seed": 1})
 
 
 def test_report_lists_the_pipeline_and_a_record_per_pass(mlp_report):

@@ -126,7 +126,7 @@ def test_compiled_step_uses_the_kernel_and_matches_the_reduction(dynamic):
         if dynamic:
             torch._dynamo.mark_dynamic(x, 0)
         compiled = torch.compile(model, backend="dp", options={
-            "noise_multiplier": 1.0, "max_grad_norm": 0.1, "seed": 5, "strategy": "instantiate",
+            "noise_multiplier": 1.0, "max_grad_norm": 0.1, "insecure_seed": 5, "strategy": "instantiate",
             "triton_kernels": triton_kernels})
         _, code = run_and_get_code(lambda: batch_loss(compiled(x), y).backward())
         return [p.grad.clone() for p in model.parameters()], "\n".join(code)

@@ -39,7 +39,7 @@ MODELS = {
 
 
 def compile_lsg(model, lsg, **options):
-    options = {"noise_multiplier": 0.0, "max_grad_norm": 0.05, "seed": 7, "lsg": lsg, **options}
+    options = {"noise_multiplier": 0.0, "max_grad_norm": 0.05, "insecure_seed": 7, "lsg": lsg, **options}
     return torch.compile(model, backend="dp", options=options)
 
 
@@ -187,7 +187,7 @@ def test_update_mask_follows_the_last_update_and_accounting_is_unchanged():
     torch.manual_seed(3)
     base, reduced = MLP(), MLP()
     reduced.load_state_dict(base.state_dict())
-    options = {"noise_multiplier": 1.1, "max_grad_norm": 1.0, "sample_rate": 0.01, "expected_batch_size": 8, "seed": 5}
+    options = {"noise_multiplier": 1.1, "max_grad_norm": 1.0, "sample_rate": 0.01, "expected_batch_size": 8, "insecure_seed": 5}
     plain = torch.compile(base, backend="dp", options=options)
     lowrank = compile_lsg(reduced, {"layers": ["fc2.weight"], "rank": 2, "density": 0.25}, **options)
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (base, reduced)]

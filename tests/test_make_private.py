@@ -27,7 +27,7 @@ def make(batch_size=32, **kwargs):
 
 
 def test_trains_to_target_epsilon_with_poisson_batches_and_one_dynamic_compile():
-    net, model, opt, loader = make(target_epsilon=4.0, target_delta=1e-5, epochs=3, max_grad_norm=1.0, seed=1)
+    net, model, opt, loader = make(target_epsilon=4.0, target_delta=1e-5, epochs=3, max_grad_norm=1.0, insecure_seed=1)
     sizes = []
     for _ in range(3):
         for x, y in loader:
@@ -51,7 +51,7 @@ def test_accumulated_micro_batches_equal_one_logical_batch():
     """Splitting a logical batch changes nothing: clipped sums add up, noise is drawn once."""
     results = []
     for physical in (None, 5):
-        net, model, opt, loader = make(noise_multiplier=1.0, max_grad_norm=0.5, seed=11,
+        net, model, opt, loader = make(noise_multiplier=1.0, max_grad_norm=0.5, insecure_seed=11,
                                        max_physical_batch_size=physical)
         torch._dynamo.reset()
         batches = iter(loader)
@@ -71,7 +71,7 @@ def test_accumulated_micro_batches_equal_one_logical_batch():
 
 
 def test_optimizer_waits_for_the_end_of_the_logical_batch():
-    net, model, opt, loader = make(noise_multiplier=1.0, seed=3, max_physical_batch_size=4)
+    net, model, opt, loader = make(noise_multiplier=1.0, insecure_seed=3, max_physical_batch_size=4)
     before = [p.detach().clone() for p in net.parameters()]
     x, y = next(iter(loader))
     F.cross_entropy(model(x), y).backward()
@@ -86,7 +86,7 @@ def test_optimizer_waits_for_the_end_of_the_logical_batch():
 
 
 def test_empty_poisson_draw_releases_a_noise_only_step():
-    net, model, opt, loader = make(batch_size=1, noise_multiplier=1.0, seed=5)
+    net, model, opt, loader = make(batch_size=1, noise_multiplier=1.0, insecure_seed=5)
     loader.sampler.sample_rate = 1e-9  # every draw empty
     loader.sampler.steps = 3
     before = [p.detach().clone() for p in net.parameters()]
@@ -113,7 +113,7 @@ def test_two_private_models_with_equal_options_keep_their_own_privacy_state():
         net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         model, opt, loader = dpcompile.make_private(net, opt, DataLoader(data, batch_size=16),
-                                                    noise_multiplier=1.0, max_grad_norm=1.0, seed=3)
+                                                    noise_multiplier=1.0, max_grad_norm=1.0, insecure_seed=3)
         for x, y in loader:
             F.cross_entropy(model(x), y).backward()
             opt.step()

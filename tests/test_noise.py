@@ -17,7 +17,7 @@ def private_grads(model, x, y, fresh=True, **options):
     """One private step of a fresh copy of `model` (each copy owns a privacy state of its own)."""
     torch._dynamo.reset()
     model = copy.deepcopy(model) if fresh else model
-    opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "seed": 1234, **options}
+    opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "expected_batch_size": EBS, "insecure_seed": 1234, **options}
     compiled = torch.compile(model, backend="dp", options=opts)
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(compiled(x), y).backward()
@@ -54,7 +54,7 @@ def test_same_seed_same_noise_and_new_noise_every_step():
     model, x, y = setup()
     first, _ = private_grads(model, x, y)
     again, _ = private_grads(model, x, y)
-    other_seed, _ = private_grads(model, x, y, seed=99)
+    other_seed, _ = private_grads(model, x, y, insecure_seed=99)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other_seed)
 
@@ -62,7 +62,7 @@ def test_same_seed_same_noise_and_new_noise_every_step():
 def test_each_step_draws_fresh_noise():
     model, x, y = setup()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="dp", options={"max_grad_norm": R, "noise_multiplier": SIGMA, "seed": 3})
+    compiled = torch.compile(model, backend="dp", options={"max_grad_norm": R, "noise_multiplier": SIGMA, "insecure_seed": 3})
     steps = []
     for _ in range(2):
         model.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ def test_checkpoint_resume_gives_bit_identical_noise():
     (accounting) and the secret part (noise seed) draws exactly the noise the run would have drawn."""
     model, x, y = setup()
     twin = copy.deepcopy(model)  # the same weights, never compiled: "the new process"
-    opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "seed": 7, "sample_rate": 0.01, "expected_batch_size": 6}
+    opts = {"max_grad_norm": R, "noise_multiplier": SIGMA, "insecure_seed": 7, "sample_rate": 0.01, "expected_batch_size": 6}
     compiled = torch.compile(model, backend="dp", options=opts)
     grads, public, secret = [], None, None
     for step in range(4):
@@ -89,10 +89,10 @@ def test_checkpoint_resume_gives_bit_identical_noise():
             public = dpcompile.privacy_state(model).state_dict()
             secret = dpcompile.privacy_state(model).secret_state_dict()
     eps = dpcompile.privacy_spent(model, 1e-5)
-    assert "seed" not in public and "seed" not in public["options"] and secret["seed"] == 7
+    assert "seed" not in public and "insecure_seed" not in public["options"] and secret["seed"] == 7
 
     torch._dynamo.reset()
-    resumed = torch.compile(twin, backend="dp", options={k: v for k, v in opts.items() if k != "seed"})
+    resumed = torch.compile(twin, backend="dp", options={k: v for k, v in opts.items() if k != "insecure_seed"})
     state = dpcompile.privacy_state(twin)
     state.load_state_dict(public)
     state.load_secret_state_dict(secret)

@@ -55,7 +55,8 @@ def test_non_finite_numbers_are_refused(options, name):
 @pytest.mark.parametrize("options, name", [
     ({"max_grad_norm": True}, "max_grad_norm"),
     ({"noise_multiplier": False}, "noise_multiplier"),
-    ({"seed": True}, "seed"),
+    ({"insecure_seed": True}, "insecure_seed"),
+    ({"seed": 3}, "now called insecure_seed"),
     ({"noise_multiplier": "1.0"}, "noise_multiplier"),
 ])
 def test_bools_and_strings_are_not_numbers(options, name):
@@ -65,19 +66,19 @@ def test_bools_and_strings_are_not_numbers(options, name):
 def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
     opts = DPOptions.from_dict({"max_grad_norm": np.float32(0.5), "noise_multiplier": np.float64(1.1),
                                 "sample_rate": np.float32(0.25), "dataset_size": np.int64(40),
-                                "memory_budget_mb": np.int32(64), "seed": np.int64(7),
+                                "memory_budget_mb": np.int32(64), "insecure_seed": np.int64(7),
                                 "lsg": {"rank": np.int64(2), "density": np.float32(0.5)}})
     assert opts.max_grad_norm == 0.5 and type(opts.max_grad_norm) is float
     assert opts.noise_multiplier == 1.1 and type(opts.noise_multiplier) is float
     assert opts.sample_rate == float(np.float32(0.25)) and type(opts.sample_rate) is float
     assert opts.memory_budget_mb == 64.0 and type(opts.memory_budget_mb) is float
-    assert opts.seed == 7 and type(opts.seed) is int
+    assert opts.insecure_seed == 7 and type(opts.insecure_seed) is int
     assert opts.dataset_size == 40 and type(opts.dataset_size) is int
     assert opts.expected_batch_size == 10.0 and type(opts.expected_batch_size) is float
     assert opts.lsg.rank == 2 and type(opts.lsg.rank) is int and type(opts.lsg.density) is float
     # equal to the options given as floats: the same compiled graphs, the same checkpoints
-    assert DPOptions.from_dict({"noise_multiplier": np.float32(1.0), "seed": 3}) == \
-        DPOptions.from_dict({"noise_multiplier": 1.0, "seed": 3})
+    assert DPOptions.from_dict({"noise_multiplier": np.float32(1.0), "insecure_seed": 3}) == \
+        DPOptions.from_dict({"noise_multiplier": 1.0, "insecure_seed": 3})
 
 
 def test_tiny_positive_noise_multiplier_is_refused_and_zero_or_the_floor_are_not():
@@ -165,7 +166,7 @@ def tiny_setup():
     ({"target_epsilon": 1.0, "epochs": INF}, "epochs"),
     ({"noise_multiplier": INF}, "noise_multiplier must be a finite number"),
     ({"noise_multiplier": NAN}, "noise_multiplier"),
-    ({"noise_multiplier": 1.0, "seed": 1.5}, "seed"),
+    ({"noise_multiplier": 1.0, "insecure_seed": 1.5}, "insecure_seed"),
     ({"noise_multiplier": 1.0, "max_physical_batch_size": 0, "noise_mechanism": "bsr", "bands": 2},
      "max_physical_batch_size"),
 ])
@@ -186,12 +187,12 @@ def test_make_private_refuses_bad_arguments_before_anything_is_set_up(kwargs, me
 def test_make_private_keeps_accepting_ordinary_arguments():
     net, opt, loader = tiny_setup()
     model, dp_opt, dp_loader = dpcompile.make_private(net, opt, loader, noise_multiplier=np.float64(1.0),
-                                                      max_physical_batch_size=np.int64(4), seed=np.int64(3))
+                                                      max_physical_batch_size=np.int64(4), insecure_seed=np.int64(3))
     state = dpcompile.privacy_state(net)
     assert state.options.expected_batch_size == pytest.approx(8.0) and state.options.sample_rate == 0.25
     validate_make_private_args()  # all defaults
     validate_make_private_args(max_physical_batch_size=1, target_epsilon=3.0, target_delta=1e-5, epochs=0.5,
-                               noise_multiplier=0.0, seed=0)
+                               noise_multiplier=0.0, insecure_seed=0)
 
 
 # --- D. the Poisson audit ---------------------------------------------------------------------

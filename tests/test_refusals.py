@@ -301,7 +301,7 @@ def test_make_private_refuses_a_parameter_used_outside_the_dp_graphs():
     data = torch.utils.data.TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     model, _optimizer, loader = dpcompile.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1), loader,
-                                                       noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+                                                       noise_multiplier=1.0, max_grad_norm=1.0, insecure_seed=0)
     x, y = next(iter(loader))
     with pytest.raises(DPCompileError, match="outside the dp-compiled graphs"):
         F.cross_entropy(model(x), y).backward()
