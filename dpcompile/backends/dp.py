@@ -30,6 +30,7 @@ from ..distributed import check_compile
 from ..errors import DPCompileError
 from ..options import DPOptions
 from ..passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
+from ..passes.batch_dim import check_inference_state_writes
 from ..passes.base import HOOKS, CompileContext, node_shape, to_expr
 from ..state import IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, guard_parameters, own_module
 from .module import STATE_KEY
@@ -229,7 +230,8 @@ def _param_name(source: str, fallback: str) -> str:
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: CompileContext,
                    state: PrivacyState, **kwargs: Any):
-    if kwargs.get("is_inference"):
+    if kwargs.get("is_inference"):  # no backward (torch.no_grad(), a param-free region): state writes only
+        check_inference_state_writes(gm, ctx)
         return _compile_graph(gm, example_inputs, kwargs)
     if not kwargs.get("is_backward"):
         run_pipeline(FORWARD_PIPELINE, gm, ctx)
