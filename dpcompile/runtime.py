@@ -62,6 +62,11 @@ def states_used() -> Iterator[list[Any]]:
             outer.extend(used)
 
 
+def states_of_this_call() -> list[Any]:
+    """The states whose training forwards already ran in the current compiled call (empty outside one)."""
+    return list(getattr(_RECORDING, "states", None) or ())
+
+
 def _note_forward_state(state: Any) -> None:
     used = getattr(_RECORDING, "states", None)
     if used is not None and not any(s is state for s in used):

@@ -140,6 +140,28 @@ def test_graph_break_clips_with_the_global_norm():
     assert state.steps == 1  # one release for the whole backward, not one per graph
 
 
+def test_a_compiled_training_function_with_a_graph_break_clips_once_with_the_global_norm():
+    """torch.compile(step_fn) over a model with a graph break: the region after the break (with
+    parameters of its own) joins the state of the region that ran before it in the same call,
+    so one clip covers both (each region clipped on its own would let one sample reach 2R)."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = BreakNet()
+    x, y = BreakNet.batch(6)
+    _, norms = oracle_clipped_sum(model, x, y, 1.0)
+    R = float(norms.median())
+
+    def step(net, x, y):
+        return batch_loss(net(x), y)
+
+    torch._dynamo.reset()
+    torch.compile(step, backend="dp", options={"noise_multiplier": 0.0, "max_grad_norm": R})(model, x, y).backward()
+    want, _ = oracle_clipped_sum(model, x, y, R)
+    assert_close({k: p.grad.double() * len(x) for k, p in model.named_parameters()}, want, seed)  # Σ, not mean
+    state = dpcompile.privacy_state(model)
+    assert all(getattr(p, "_dpcompile_state") is state for p in model.parameters()) and state.steps == 1
+
+
 def test_bf16_autocast_matches_oracle_to_bf16_precision():
     """Under autocast the weight-gradient sites run in bf16 and are cast to the fp32 parameters."""
     seed = fresh_seed()

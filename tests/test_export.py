@@ -97,7 +97,7 @@ def test_unsupported_ops_are_listed_with_their_origin():
 
 
 def test_graph_breaks_are_refused():
-    with pytest.raises(DPCompileError, match="graph breaks|no parameter gradient"):
+    with pytest.raises(DPCompileError, match="graph breaks"):
         export_onnx(BreakNet(), BreakNet.batch(4)[0], verify=False)
 
 

@@ -35,7 +35,7 @@ from ..passes.base import HOOKS, CompileContext, node_shape, to_expr
 from ..state import IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, guard_parameters, own_module
 from .module import STATE_KEY
 from .module import install as install_compile_hook
-from ..runtime import OwnParametersOnly, PrivateBackward
+from ..runtime import OwnParametersOnly, PrivateBackward, states_of_this_call
 
 aten = torch.ops.aten
 KEPT_BACKWARD_OPS = (aten.embedding_dense_backward, aten.native_layer_norm_backward,
@@ -118,7 +118,11 @@ def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacySt
             raise DPCompileError(
                 "dpcompile: this compiled function uses the parameters of several private models; each model's "
                 "gradients are clipped and accounted by its own privacy state. Compile each model on its own")
-        state = next(iter(owners.values()), None) or PrivacyState(DPOptions.from_dict(options))
+        # A region after a graph break belongs to the state whose forward ran before it in the same
+        # call of the compiled function: one state clips the whole backward once.
+        earlier = states_of_this_call()
+        state = next(iter(owners.values()), None) or (earlier[-1] if len(earlier) == 1 else None) \
+            or PrivacyState(DPOptions.from_dict(options))
     foreign = [p for p in params if id(getattr(p, STATE_ATTR, state)) != id(state)]
     if foreign:
         raise DPCompileError(
