@@ -135,34 +135,43 @@ def instantiate_group_norm(grad, x, mean, rstd, lg: tuple, groups: int, which: i
     return tb.sum([1] + list(range(3, tb.dim())))
 
 
-def instantiate_conv(grad, x, weight, lg: tuple, stride, padding, dilation, groups: int,
-                     which: int) -> torch.Tensor:
-    """Conv1d/2d weight (via unfold) or bias gradients per sample."""
+def instantiate_conv(grad, x, weight, lg: tuple, stride, padding, dilation, transposed: bool, output_padding,
+                     groups: int, which: int) -> torch.Tensor:
+    """Per-sample weight (which=1) or bias (which=2) gradients of any convolution: 1/2/3-D,
+    transposed or not, every stride, padding, dilation, output padding and group count.
+
+    A convolution's weight gradient correlates the windows of one operand with the other:
+    of the input x with the output gradient, or, transposed, of the output gradient with
+    the input (a transposed convolution is the input gradient of the plain one, whose
+    output size absorbs output_padding). Windows are strided views (``Tensor.unfold``),
+    so a symbolic batch size stays symbolic (a grouped convolution with B·g groups
+    would make Inductor's lowering specialize it)."""
     if which == 2:
         tb = batch_front(grad.float(), lg)
         return tb.sum([1] + list(range(3, tb.dim())))
-    one_d = x.dim() == 3
-    if one_d:
-        x, grad = x.unsqueeze(2), grad.unsqueeze(2)
-        stride, padding, dilation = (1, stride[0]), (0, padding[0]), (1, dilation[0])
-    kernel = weight.shape[-2:] if not one_d else (1, weight.shape[-1])
-    n, c_out = grad.shape[0], grad.shape[1]
-    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    cols = cols.reshape(n, groups, -1, cols.shape[-1])  # (N, g, Cin/g·k, L)
-    g = grad.reshape(n, groups, c_out // groups, -1)  # (N, g, Cout/g, L)
-    rows = torch.einsum("ngol,ngil->ngoi", g, cols).reshape(n, -1)
-    per_sample = batch_front(rows, (0,) + tuple(lg[1:])).sum(1)
-    return per_sample.reshape(per_sample.shape[0], *weight.shape)
+    kernel = weight.shape[2:]
+    a, b = (grad, x) if transposed else (x, grad)
+    cols = _windows(a, kernel, *(_per_dim(v, len(kernel)) for v in (stride, padding, dilation)), b.shape[2:])
+    cols, b = batch_front(cols, lg), batch_front(b, lg)  # (B, rows, Ca, *L, *k), (B, rows, Cb, *L)
+    n, rows = b.shape[:2]
+    cols = cols.reshape(n, rows, groups, a.shape[1] // groups, b[0, 0, 0].numel(), kernel.numel())
+    b = b.reshape(n, rows, groups, b.shape[2] // groups, -1)
+    return torch.einsum("brgol,brgilk->bgoik", b, cols).reshape(n, *weight.shape)
 
 
-def instantiate_vmap(target, in_dims: tuple, index, *args):
-    """Fallback for other sites: vmap the op over samples (may specialize on the batch size)."""
+def _per_dim(value, n: int) -> list:
+    """A conv argument for each of n spatial dims (aten repeats a single entry: padding="valid" is [0])."""
+    value = list(value)
+    return value * n if len(value) == 1 else value
 
-    def one_sample(*a):
-        out = target(*a)
-        return out[index] if index is not None else out
 
-    return vmap(one_sample, in_dims=in_dims)(*args)
+def _windows(a: torch.Tensor, kernel, stride, padding, dilation, out_size) -> torch.Tensor:
+    """(N, C, *S) -> (N, C, *out_size, *kernel): the (dilated) window under each output position."""
+    a = torch.nn.functional.pad(a, [p for pad in reversed(padding) for p in (pad, pad)])
+    for i, k in enumerate(kernel):
+        a = a.unfold(2 + i, dilation[i] * (k - 1) + 1, stride[i])[..., ::dilation[i]]
+        a = a.narrow(2 + i, 0, out_size[i])
+    return a
 
 
 def embedding_grad_onehot(grad: torch.Tensor, indices: torch.Tensor, num_weights: int, padding_idx: int,

@@ -688,34 +688,69 @@ def _is_batch_range(node: fx.Node, ctx: CompileContext) -> bool:
 
 
 def _index(node: fx.Node) -> Any:
-    """x[i_0, ..., i_k] with tensor indices: allowed when the batch dim is indexed by sample ids."""
-    x, indices = node.args[0], list(node.args[1])
+    """x[i_0, ..., i_k] with tensor indices (None: a full slice). Allowed when the batch dim is
+    not indexed and every index is sample-free (reflect/replicate padding, x[:, idx]): each
+    sample's values are gathered from its own slice; or when the batch dim is indexed by
+    sample ids. ``_unsafe_masked_index`` (reflect padding's backward) also takes a mask,
+    which must be sample-free."""
+    masked = node.target is aten._unsafe_masked_index.default
+    x, indices = node.args[0], list(node.args[2] if masked else node.args[1])
     lx = layout_of(x)
     if not batched_args(node):
         return _free_or_agg(node)
-    if (isinstance(lx, Batched) and lx.outer == lx.inner == 1 and lx.dim < len(indices)
-            and all(isinstance(i, fx.Node) for i in indices)):
+    if masked and layout_of(node.args[1]) is not FREE:
+        return _refuse_index(node)
+    if isinstance(lx, Batched) and _integer_indices(indices) and all(layout_of(i) is FREE for i in indices):
+        if lx.dim >= len(indices) or indices[lx.dim] is None:
+            return lx.at(_unindexed_dim(indices, lx.dim))
         ids = indices[lx.dim]
-        others = [i for k, i in enumerate(indices) if k != lx.dim]
-        if SAMPLE_IDS in ids.meta and all(layout_of(i) is FREE for i in others):
-            rank = max(i.meta["val"].dim() for i in indices)
-            return Batched(ids.meta[SAMPLE_IDS].dim + rank - ids.meta["val"].dim())
+        if lx.outer == lx.inner == 1 and SAMPLE_IDS in ids.meta and None not in indices:
+            return Batched(ids.meta[SAMPLE_IDS].dim + _index_rank(indices) - ids.meta["val"].dim())
     return _refuse_index(node)
 
 
+def _integer_indices(indices: list) -> bool:
+    """Integer index tensors (a boolean mask consumes several dims: not followed here)."""
+    return all(i is None or (isinstance(i, fx.Node) and not i.meta["val"].dtype.is_floating_point
+                             and i.meta["val"].dtype not in (torch.bool, torch.uint8)) for i in indices)
+
+
+def _index_rank(indices: list) -> int:
+    """Rank of the indices' broadcast shape: the dims advanced indexing puts in the result."""
+    return max(i.meta["val"].dim() for i in indices if i is not None)
+
+
+def _unindexed_dim(indices: list, dim: int) -> int:
+    """Where x's dim `dim`, not indexed, lands in x[indices]: the indexed dims are replaced in
+    place by the indices' broadcast dims when adjacent, else those go first (numpy's rule)."""
+    indexed = [k for k, i in enumerate(indices) if i is not None]
+    rank = _index_rank(indices)
+    if indexed == list(range(indexed[0], indexed[-1] + 1)):
+        return dim if dim < indexed[0] else dim - len(indexed) + rank
+    return rank + sum(1 for k in range(dim) if k not in indexed)
+
+
 def _index_put(node: fx.Node) -> Any:
-    """The backward of _index: values written back to the rows named by sample ids."""
+    """The backward of _index: values written back to the rows named by sample ids, or along
+    dims other than the batch dim with sample-free indices."""
     base, indices, values = node.args[0], list(node.args[1]), node.args[2]
     lb, lv = layout_of(base), layout_of(values)
     if not batched_args(node):
         return _free_or_agg(node)
+    free = _integer_indices(indices) and all(layout_of(i) is FREE for i in indices)
     for d, ids in enumerate(indices):
-        if isinstance(ids, fx.Node) and SAMPLE_IDS in ids.meta and all(isinstance(i, fx.Node) for i in indices):
-            rank = max(i.meta["val"].dim() for i in indices)
-            expected = Batched(ids.meta[SAMPLE_IDS].dim + rank - ids.meta["val"].dim())
+        if isinstance(ids, fx.Node) and SAMPLE_IDS in ids.meta and None not in indices:
+            expected = Batched(ids.meta[SAMPLE_IDS].dim + _index_rank(indices) - ids.meta["val"].dim())
             others_free = all(layout_of(i) is FREE for k, i in enumerate(indices) if k != d)
             if lv == expected and lb in (FREE, Batched(d)) and others_free:
                 return Batched(d)
+    if free and isinstance(lv, Batched) and _ndim(values) == _ndim(node) - len(
+            [i for i in indices if i is not None]) + _index_rank(indices):
+        for d in range(_ndim(node)):
+            lay = lv.at(d)
+            if ((d >= len(indices) or indices[d] is None) and lv.dim == _unindexed_dim(indices, d)
+                    and lb in (FREE, lay) and node_shape(values)[lv.dim] == node_shape(node)[d]):
+                return lay
     return _refuse_index(node)
 
 
@@ -1101,7 +1136,8 @@ _register(_batch_first, "convolution", "_convolution", "max_pool2d_with_indices"
           "max_pool3d_with_indices", "avg_pool2d", "avg_pool2d_backward", "avg_pool1d", "avg_pool3d",
           "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "adaptive_avg_pool1d", "upsample_nearest2d",
           "upsample_bilinear2d", "upsample_nearest2d_backward", "upsample_bilinear2d_backward", "im2col", "col2im",
-          "native_group_norm", "reflection_pad2d", "replication_pad2d")
+          "native_group_norm", *(f"{kind}_pad{n}d{grad}" for kind in ("reflection", "replication")
+                                 for n in (1, 2, 3) for grad in ("", "_backward")))
 _register(_constant_pad, "constant_pad_nd")
 _register(_grad_site, "convolution_backward", "native_layer_norm_backward", "native_group_norm_backward")
 _register(_layer_norm, "native_layer_norm")
@@ -1121,7 +1157,7 @@ _register(_factory, "full", "zeros", "ones", "empty", "empty_strided", "arange",
           "zeros_like", "ones_like", "empty_like", "new_zeros", "new_ones", "new_full", "new_empty", "rand_like",
           "randn_like", "bernoulli", "rand", "randn", "randint", "randint_like", "iota", "sym_size", "sym_numel",
           "sym_stride", "sym_storage_offset", "_local_scalar_dense", "detach_copy")
-_register(_index, "index", "_unsafe_index")
+_register(_index, "index", "_unsafe_index", "_unsafe_masked_index")
 _register(_index_put, "index_put", "_unsafe_index_put")
 _register(_refuse_index, "masked_select", "nonzero")
 _register(_embedding_renorm, "embedding_renorm", "embedding_renorm_")

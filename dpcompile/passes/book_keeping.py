@@ -5,9 +5,10 @@ For every parameter found by ``param_grads`` the cost model picks a strategy:
 - ``ghost`` (BK): the per-sample norm comes from Gram matrices of the site's inputs
   (linear, embedding); the clipped sum re-runs the site op with the per-sample rows of
   its gradient input scaled by the clip weights (a second GEMM, no per-sample tensor).
-- ``instantiate``: per-sample gradients (B, *shape) are formed by vmapping the site op
-  and the post ops; the norm is their sum of squares and the clipped sum is
-  ``Σ_b w_b G_b`` (no second GEMM, B× parameter memory).
+- ``instantiate``: per-sample gradients (B, *shape) are formed by a batched formula of
+  the site op (``per_sample.instantiate_*``) and by vmapping the post ops; the norm is
+  their sum of squares and the clipped sum is ``Σ_b w_b G_b`` (no second GEMM, B×
+  parameter memory).
 
 All layers' squared norms are summed into one per-sample norm, so clipping is over
 the whole gradient of each sample. The clipped sums replace the gradient outputs and
@@ -365,41 +366,15 @@ def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
     if site.kind == "group_norm":
         grad, x, mean, rstd, _, _, _, _, groups = args[:9]
         return call(per_sample.instantiate_group_norm, (grad, x, mean, rstd, _layout(grad), groups, site.index))
-    if site.kind == "conv" and _plain_conv(node):
-        grad, x, weight, _, stride, padding, dilation, _, _, groups = args[:10]
-        return call(per_sample.instantiate_conv,
-                    (grad, x, weight, _layout(grad), stride, padding, dilation, groups, site.index))
-    return _instantiate_by_vmap(graph, site)
-
-
-def _plain_conv(node: fx.Node) -> bool:
-    """Conv1d/Conv2d, not transposed, samples on a plain dim 0: the unfold formula applies."""
-    grad, transposed = node.args[0], node.args[7]
-    return grad.meta["val"].dim() in (3, 4) and not transposed and grad.meta["dp_layout"].dim == 0
+    if site.kind == "conv":
+        grad, x, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
+        return call(per_sample.instantiate_conv, (grad, x, weight, _layout(grad), stride, padding, dilation,
+                                                  transposed, output_padding, groups, site.index))
+    raise DPCompileError(f"dpcompile: no per-sample formula for the {site.kind} site {describe_node(node)}")
 
 
 def _static_shape(node: fx.Node) -> list[int]:
     return [int(s) for s in node.meta["val"].shape]
-
-
-def _instantiate_by_vmap(graph: fx.Graph, site: Site) -> fx.Node:
-    node = site.node
-    args, in_dims = [], []
-    for a in node.args:
-        if isinstance(a, fx.Node) and isinstance(a.meta.get("dp_layout"), Batched):
-            args.append(graph.call_function(per_sample.batch_front, (a, _layout(a))))
-            in_dims.append(0)
-        else:
-            args.append(_only_needed_output(node, a, site))
-            in_dims.append(None)
-    return graph.call_function(per_sample.instantiate_vmap, (node.target, tuple(in_dims), site.index, *args))
-
-
-def _only_needed_output(node: fx.Node, arg, site: Site):
-    """For tuple sites, ask only for the parameter gradient being instantiated."""
-    if site.index is not None and arg is node.args[-1] and isinstance(arg, (list, tuple)):
-        return [i == site.index for i in range(len(arg))]
-    return arg
 
 
 def _extract_post(gm: fx.GraphModule, g: ParamGrad) -> tuple[fx.GraphModule, list[fx.Node]]:
