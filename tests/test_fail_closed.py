@@ -457,3 +457,45 @@ def test_a_plain_api_resume_must_restore_the_accounting_the_optimizer_checkpoint
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert dpcompile.privacy_state(fresh).steps == 4 and dpcompile.privacy_spent(fresh, 1e-5) > eps
+
+
+# -- 1 (compiled functions) ----------------------------------------------------------------------
+
+class HalfEager(nn.Module):
+    """`tail` runs eagerly (Dynamo skips it): its parameters are in no dp graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.tail = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self._tail(torch.tanh(self.head(x)))
+
+    @torch._dynamo.disable
+    def _tail(self, h):
+        return self.tail(h)
+
+
+def test_a_compiled_function_refuses_parameters_its_graphs_did_not_take():
+    net = HalfEager()
+
+    def step(model, x, y):
+        return F.cross_entropy(model(x), y)
+
+    x, y = batch()
+    with pytest.raises(DPCompileError, match="tail.weight|ran eagerly"):
+        torch.compile(step, backend="dp", options=OPTIONS)(net, x, y).backward()
+    assert_nothing_released(net)
+
+
+def test_a_compiled_function_with_dynamo_disabled_is_refused(monkeypatch):
+    net = mlp()
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+
+    def step(x, y):  # names the model through its closure
+        return F.cross_entropy(net(x), y)
+
+    x, y = batch()
+    with pytest.raises(DPCompileError, match="Dynamo is disabled"):
+        torch.compile(step, backend="dp", options=OPTIONS)(x, y).backward()
+    assert all(p.grad is None for p in net.parameters())

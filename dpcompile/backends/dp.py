@@ -123,6 +123,7 @@ def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacySt
         earlier = states_of_this_call()
         state = next(iter(owners.values()), None) or (earlier[-1] if len(earlier) == 1 else None) \
             or PrivacyState(DPOptions.from_dict(options))
+    state.no_graph_reason = None  # a dp graph takes these parameters now (a compiled function's eager call may have set it)
     foreign = [p for p in params if id(getattr(p, STATE_ATTR, state)) != id(state)]
     if foreign:
         raise DPCompileError(

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import DPCompileError
 from ..options import DPOptions
-from ..state import SECRET_OPTIONS, PrivacyState, own_module, state_of_module
+from ..state import SECRET_OPTIONS, STATE_ATTR, PrivacyState, own_module, state_of_module
 
 STATE_KEY = "__dpcompile_state__"  # weakref to the module's PrivacyState, in the options the backend receives
 _ORIGINAL_OPTIMIZE = None
@@ -82,8 +82,7 @@ class _PrivateDecorator:
     def __call__(self, fn: Any) -> Any:
         module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
         if not isinstance(module, torch.nn.Module):  # a function: its state comes from its parameters
-            compiled = self.inner(fn)
-            return compiled if compiled is fn else _private_function(compiled, None)
+            return self._function(fn)
         kwargs = getattr(self.backend, "kwargs", None)
         options = (kwargs or {}).get("options")
         state = own_state(module, options)
@@ -99,6 +98,15 @@ class _PrivateDecorator:
             state.compiled_module = weakref.ref(compiled)
             return compiled
         return _private_function(compiled, state)  # nn.Module.compile(): the compiled _call_impl
+
+    def _function(self, fn: Any) -> Any:
+        """A compiled function: at each call the modules it takes or names are guarded with the
+        state its graphs found; a call that ran no dp graph in grad mode (Dynamo disabled, or it
+        ran the function eagerly) guards them with a state that refuses every gradient."""
+        kwargs = getattr(self.backend, "kwargs", None) or {}
+        options = {k: v for k, v in (kwargs.get("options") or {}).items() if k != STATE_KEY}
+        DPOptions.from_dict(options)  # invalid options are refused at torch.compile time
+        return _private_function(self.inner(fn), None, fn, options)
 
 
 def own_state(module: torch.nn.Module, options: dict | None) -> PrivacyState:
@@ -137,7 +145,8 @@ def unwrap_refusal(error: BaseException) -> BaseException:
     return inner if isinstance(inner, DPCompileError) else error
 
 
-def _call_privately(call: Any, state: PrivacyState | None, args: tuple, kwargs: dict) -> Any:
+def _call_privately(call: Any, state: PrivacyState | None, args: tuple, kwargs: dict,
+                    found: list | None = None) -> Any:
     """Run the compiled call; surface a refusal as itself; track the outputs for the loss.
 
     `state` None: a compiled function, whose state is that of the parameters its graphs took."""
@@ -152,6 +161,8 @@ def _call_privately(call: Any, state: PrivacyState | None, args: tuple, kwargs: 
             raise
         raise inner.with_traceback(None) from None
     if state is None:
+        if found is not None:
+            found.extend(used)
         if len(used) != 1:
             return out  # no private forward ran (or several models': each loss is refused at backward)
         state = used[0]
@@ -178,9 +189,57 @@ class PrivateModule:
         return _call_privately(super().__call__, state, args, kwargs)
 
 
-def _private_function(compiled: Any, state: PrivacyState | None) -> Any:
+def _private_function(compiled: Any, state: PrivacyState | None, fn: Any = None, options: dict | None = None) -> Any:
+    eager_state: list[PrivacyState] = []  # made at the first call that runs no dp graph
+
     @functools.wraps(compiled)
     def call(*args: Any, **kwargs: Any) -> Any:
-        return _call_privately(compiled, state, args, kwargs)
+        used: list[PrivacyState] = []
+        out = _call_privately(compiled, state, args, kwargs, used)
+        if fn is None or state is not None:
+            return out
+        if len(used) == 1:
+            _guard_reachable_modules(fn, args, kwargs, used[0])
+        elif not used and torch.is_grad_enabled():
+            if not eager_state:
+                eager_state.append(PrivacyState(DPOptions.from_dict(options)))
+                eager_state[0].no_graph_reason = (
+                    f"no dp graph ran for the compiled function {getattr(fn, '__qualname__', fn)} (Dynamo is disabled: "
+                    "TORCHDYNAMO_DISABLE=1, torch.compile(disable=True), torch._dynamo.config.disable; or it ran "
+                    "the function eagerly)")
+            _guard_reachable_modules(fn, args, kwargs, eager_state[0])
+        return out
 
     return call
+
+
+def _guard_reachable_modules(fn: Any, args: tuple, kwargs: dict, state: PrivacyState) -> None:
+    """Every module a compiled function takes as an argument or names (globals, closure) trains
+    under `state` unless it has a state of its own: a parameter that its graphs did not take
+    (used in eager code after a graph break) is then refused, not released unclipped."""
+    from torch.utils import _pytree as pytree
+
+    for module in [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.nn.Module)] + \
+            _named_modules_of(fn):
+        if state_of_module(module) is None and all(getattr(p, STATE_ATTR, state) is state
+                                                   for p in module.parameters()):
+            own_module(module, state)
+
+
+def _named_modules_of(fn: Any) -> list[torch.nn.Module]:
+    """The modules a function's code names: globals it reads and closure cells."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    names = set(code.co_names)
+    found = [v for k, v in getattr(fn, "__globals__", {}).items() if k in names]
+    found += [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if _filled(c)]
+    return [m for m in found if isinstance(m, torch.nn.Module)]
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
