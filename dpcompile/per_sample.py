@@ -92,6 +92,35 @@ def phantom_sq_norm(grad, indices, lg: tuple, li: tuple, padding_idx: int, a, b,
     return inner + outer + 2 * cross
 
 
+def _trilinear_rows(x: torch.Tensor, dims: list, p: int, layout: tuple) -> torch.Tensor:
+    """An input of _trilinear holding the rows (common position p): (B, rows, rest flattened)."""
+    d = dims.index(p)
+    xb = batch_front(x, (d, *layout[1:]))
+    return xb.movedim(d + 1, 1).flatten(2) if xb.dim() > 2 else xb.unsqueeze(2)
+
+
+def ghost_sq_norm_trilinear(i1, i2, i3, positions: list, p: int, layout: tuple) -> torch.Tensor:
+    """‖Σ_t u_t ⊗ v_t ⊗ w_t‖² = Σ_{t,s} ⟨u_t, u_s⟩⟨v_t, v_s⟩⟨w_t, w_s⟩ over each sample's rows t, s
+    (nn.Bilinear's weight gradient, each output dim from one input): T×T Grams, no (O, I, J) per sample."""
+    grams = [gram(r, r.mT) for r in (_trilinear_rows(x, dims, p, layout) for x, dims in zip((i1, i2, i3), positions))]
+    return (grams[0] * grams[1] * grams[2]).sum((1, 2))
+
+
+def instantiate_trilinear(i1, i2, i3, positions: list, sumdim: list, rank: int, p: int, layout: tuple) -> torch.Tensor:
+    """_trilinear summed over the rows at p, split per sample: (B, *output) by one einsum.
+    positions[k]: the common-space position of each dim of input k (rank dims in all)."""
+    letters = "abcdefghijklmnopqrstuvwxy"
+    operands, specs = [], []
+    for x, dims in zip((i1, i2, i3), positions):
+        spec = "".join(letters[d] for d in dims)
+        if p in dims:
+            x, spec = batch_front(x, (dims.index(p), *layout[1:])), "z" + spec
+        operands.append(x)
+        specs.append(spec)
+    out = "z" + "".join(letters[d] for d in range(rank) if d not in sumdim)
+    return torch.einsum(",".join(specs) + "->" + out, *operands)
+
+
 def instantiate_linear(a: torch.Tensor, b: torch.Tensor, la: tuple, lb: tuple) -> torch.Tensor:
     """mm(a, b) split per sample: a (n, N) samples on dim 1, b (N, m) samples on dim 0."""
     return torch.bmm(batch_front(a, la), batch_front(b, lb))

@@ -493,6 +493,40 @@ def _mm(node: fx.Node) -> Any:
     return out
 
 
+def trilinear_dims(node: fx.Node) -> list[list[int | None]]:
+    """For each input of ``_trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim)``: the
+    position in the common (expanded) space of each of its dims. The op unsqueezes input k
+    at the positions expand_k, multiplies the three and sums over sumdim (nn.Bilinear:
+    y = x1ᵀ W x2; its weight gradient sums g ⊗ x1 ⊗ x2 over the rows)."""
+    out = []
+    for k in range(3):
+        expand = set(node.args[3 + k])
+        rank = _ndim(node.args[k]) + len(expand)
+        out.append([pos for pos in range(rank) if pos not in expand])
+    return out
+
+
+def _trilinear(node: fx.Node) -> Any:
+    """Samples at one position p of the common space, in every input that has p (inputs
+    expanded at p are shared by the samples): summed over p, the result combines all
+    samples (a parameter-gradient site); else each sample's result reads only its rows."""
+    positions = trilinear_dims(node)
+    aligned = [lay.at(dims[lay.dim]) for dims, lay in zip(positions, map(layout_of, node.args[:3]))
+               if isinstance(lay, Batched)]
+    if not aligned:
+        return _free_or_agg(node)
+    if AGG in map(layout_of, node.args[:3]):
+        raise _mix(node, "multiplies values aggregated over the batch with per-sample values")
+    lay = _same_layout(node, aligned)
+    sizes = {node_shape(node.args[k])[dims.index(lay.dim)] for k, dims in enumerate(positions) if lay.dim in dims}
+    if len(sizes) > 1:
+        raise _mix(node, "broadcasts a per-sample dimension")
+    sumdim = set(node.args[6])
+    if lay.dim in sumdim:
+        return AGG
+    return lay.at(lay.dim - sum(1 for d in sumdim if d < lay.dim))
+
+
 def _bmm(node: fx.Node) -> Any:
     a, b = node.args[-2], node.args[-1]
     la, lb = layout_of(a), layout_of(b)
@@ -1132,6 +1166,7 @@ _register(_gather_scatter, "gather", "scatter", "scatter_add", "scatter_reduce")
 _register(_embedding, "embedding")
 _register(_mm, "mm", "addmm")
 _register(_bmm, "bmm", "baddbmm")
+_register(_trilinear, "_trilinear")
 _register(_batch_first, "convolution", "_convolution", "max_pool2d_with_indices", "max_pool2d_with_indices_backward",
           "max_pool3d_with_indices", "avg_pool2d", "avg_pool2d_backward", "avg_pool1d", "avg_pool3d",
           "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "adaptive_avg_pool1d", "upsample_nearest2d",

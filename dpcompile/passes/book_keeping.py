@@ -25,7 +25,7 @@ import torch.fx as fx
 from .. import cost_model, per_sample
 from ..errors import DPCompileError, describe_node
 from .base import CompileContext, node_shape, pad_amounts, run_recorded
-from .batch_dim import Batched, batched_args
+from .batch_dim import Batched, batched_args, layout_of, trilinear_dims
 from .param_grads import ParamGrad, Site
 
 aten = torch.ops.aten
@@ -193,7 +193,34 @@ def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
         rows = sympy.Mul(*node_shape(grad)[:-1]) / batch_size
         return cost_model.embedding(int(rows), int(node_shape(grad)[-1]), int(site.node.args[2]))
     rows = max(_rows_per_sample(s) for s in g.sites)
-    return cost_model.generic(numel, rows)
+    costs = cost_model.generic(numel, rows)
+    if g.norm_preserving and site.kind == "bilinear" and _ghostable_trilinear(site.node):
+        costs["ghost"] = _trilinear_ghost_cost(site.node)
+    return costs
+
+
+def _trilinear_rows(node: fx.Node) -> tuple[int, list, tuple]:
+    """(common position p of the samples' rows, each input's dim positions, the rows' layout)."""
+    positions = trilinear_dims(node)
+    k, lay = next((k, layout_of(a)) for k, a in enumerate(node.args[:3]) if isinstance(layout_of(a), Batched))
+    return positions[k][lay.dim], positions, _layout(node.args[k])
+
+
+def _ghostable_trilinear(node: fx.Node) -> bool:
+    """Summed over the rows only, all three inputs hold the rows, and every other dim comes
+    from one input: each sample's gradient is Σ_t u_t ⊗ v_t ⊗ w_t (nn.Bilinear's weight)."""
+    p, positions, _ = _trilinear_rows(node)
+    rest = [d for dims in positions for d in dims if d != p]
+    return list(node.args[6]) == [p] and all(p in dims for dims in positions) and len(rest) == len(set(rest))
+
+
+def _trilinear_ghost_cost(node: fx.Node) -> cost_model.Cost:
+    """Three T×T Grams, priced as a linear site's two over widths n + m = the inputs' widths."""
+    p, positions, _ = _trilinear_rows(node)
+    lay = next(layout_of(a) for a in node.args[:3] if isinstance(layout_of(a), Batched))
+    widths = [sympy.Mul(*(size for d, size in zip(dims, node_shape(x)) if d != p))
+              for x, dims in zip(node.args[:3], positions)]
+    return cost_model.linear(lay.outer * lay.inner, widths[0], widths[1] + widths[2])["ghost"]
 
 
 def _ghostable_embedding(site: Site) -> bool:
@@ -228,6 +255,9 @@ def _ghost(graph: fx.Graph, g: ParamGrad):
     if site.kind == "linear":
         a, b = site.node.args
         sq = graph.call_function(per_sample.ghost_sq_norm_linear, (a, b, _layout(a), _layout(b)))
+    elif site.kind == "bilinear":
+        p, positions, layout = _trilinear_rows(site.node)
+        sq = graph.call_function(per_sample.ghost_sq_norm_trilinear, (*site.node.args[:3], positions, p, layout))
     else:
         grad, indices, _, padding_idx, scale_by_freq = site.node.args
         sq = graph.call_function(per_sample.ghost_sq_norm_embedding,
@@ -366,6 +396,10 @@ def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
     if site.kind == "group_norm":
         grad, x, mean, rstd, _, _, _, _, groups = args[:9]
         return call(per_sample.instantiate_group_norm, (grad, x, mean, rstd, _layout(grad), groups, site.index))
+    if site.kind == "bilinear":
+        p, positions, layout = _trilinear_rows(node)
+        rank = len(positions[0]) + len(args[3])
+        return call(per_sample.instantiate_trilinear, (*args[:3], positions, list(args[6]), rank, p, layout))
     if site.kind == "conv":
         grad, x, weight, _, stride, padding, dilation, transposed, output_padding, groups = args[:10]
         return call(per_sample.instantiate_conv, (grad, x, weight, _layout(grad), stride, padding, dilation,

@@ -8,6 +8,7 @@ happens, the ops whose inputs are per-sample and whose output is not:
 - ``sum``: a reduction over the batch dim: biases, elementwise scales (RMSNorm...);
 - ``embedding``: ``embedding_dense_backward``;
 - ``conv``: ``convolution_backward`` (weight and bias);
+- ``bilinear``: ``_trilinear`` summing over the rows (nn.Bilinear's weight);
 - ``layer_norm`` / ``group_norm``: the affine parts of their backward ops.
 
 Between the sites and the gradient output there may be *post* ops that no longer see
@@ -56,7 +57,7 @@ LINEAR_OPS = SHAPE_OPS | {
 class Site:
     node: fx.Node  # the op that sums over samples
     value: fx.Node  # what the post ops consume: `node`, or its getitem
-    kind: str  # linear / sum / embedding / conv / layer_norm / group_norm
+    kind: str  # linear / sum / embedding / conv / bilinear / layer_norm / group_norm
     index: int | None = None  # output index for tuple sites
 
 
@@ -170,10 +171,12 @@ def _as_site(node: fx.Node) -> Site | None:
         return Site(node, node, "sum")
     if node.target is aten.embedding_dense_backward.default:
         return Site(node, node, "embedding")
+    if node.target is aten._trilinear.default:
+        return Site(node, node, "bilinear")
     raise DPCompileError(
         f"dpcompile: a parameter gradient is summed over samples by {describe_node(node)}, which dpcompile "
-        "cannot split per sample; it supports Linear/matmul, Conv1d/2d, Embedding, LayerNorm, GroupNorm, "
-        "biases and elementwise scales."
+        "cannot split per sample; it supports Linear/matmul, Bilinear, convolutions, Embedding, "
+        "LayerNorm, GroupNorm, biases and elementwise scales."
     )
 
 
