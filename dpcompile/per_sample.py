@@ -133,6 +133,32 @@ def instantiate_sum(x: torch.Tensor, lx: tuple, dims: list, out_shape: list) -> 
     return xb.sum([d + 1 for d in dims]).reshape([xb.shape[0], *out_shape])
 
 
+def sample_of(x: torch.Tensor, layout: tuple) -> torch.Tensor:
+    """The sample each position along x's batch dim belongs to, shaped to broadcast against x."""
+    dim, outer, inner = layout
+    n = x.shape[dim]
+    ids = torch.div(torch.arange(n, device=x.device), inner, rounding_mode="floor") % (n // (outer * inner))
+    return ids.view([-1 if d == dim else 1 for d in range(x.dim())])
+
+
+def frequency_scaled(grad: torch.Tensor, indices: torch.Tensor, li: tuple, num_weights: int) -> torch.Tensor:
+    """Embedding gradient rows divided by their token's count in their own sample
+    (scale_grad_by_freq per sample); counts by one index_add over B·V slots."""
+    keys = sample_of(indices, li) * num_weights + indices
+    n_samples = indices.shape[li[0]] // (li[1] * li[2])
+    counts = grad.new_zeros(n_samples * num_weights).index_add(0, keys.reshape(-1), grad.new_ones(keys.numel()))
+    return grad / counts[keys].unsqueeze(-1)
+
+
+def zero_rows(x: torch.Tensor, rows: list) -> torch.Tensor:
+    """x with rows `rows` (dim 0) set to zero: the padding rows every sample's gradient leaves zero."""
+    ids = torch.arange(x.shape[0], device=x.device)
+    drop = torch.zeros_like(ids, dtype=torch.bool)
+    for row in rows:
+        drop = drop | (ids == row)
+    return x.masked_fill(drop.view([-1] + [1] * (x.dim() - 1)), 0)
+
+
 def instantiate_embedding(grad: torch.Tensor, indices: torch.Tensor, lg: tuple, li: tuple | None,
                           num_weights: int, padding_idx: int) -> torch.Tensor:
     """embedding_dense_backward split per sample: (B, V, d) by one index_add over B·V rows."""

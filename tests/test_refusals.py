@@ -127,12 +127,6 @@ def test_a_nonlinear_function_of_a_returned_loss_is_refused_before_backward():
     assert "Tensor.pow" in text and "test_refusals.py" in text
 
 
-def test_embedding_scale_grad_by_freq_is_refused():
-    model = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2))
-    text = refusal(model, torch.randint(0, 10, (5, 3)), strategy="instantiate")
-    assert "scale_grad_by_freq" in text
-
-
 @pytest.mark.parametrize("options, message", [
     ({"max_grad_norm": -1.0}, "max_grad_norm"),
     ({"noise_multiplier": -0.5}, "noise_multiplier"),

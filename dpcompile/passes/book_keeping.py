@@ -62,6 +62,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     with graph.inserting_before(out_node):
         for g in grads:
             _pad_before_transpose(graph, g)
+            _per_sample_frequencies(graph, g)
             costs = _costs(g, ctx.batch_size)
             wanted = "phantom" if ctx.options.strategy == "ghost" and "phantom" in costs else ctx.options.strategy
             strategy = "instantiate" if ctx.deferred else cost_model.choose(costs, batch, wanted, budget)
@@ -163,6 +164,27 @@ def _pad_before_transpose(graph: fx.Graph, g: ParamGrad) -> None:
         site.node.prepend(transposed)
         transposed.meta.update(pad.meta)
         site.node.replace_input_with(pad, transposed)
+
+
+def _per_sample_frequencies(graph: fx.Graph, g: ParamGrad) -> None:
+    """scale_grad_by_freq: the batch gradient divides each token's rows by the token's count in
+    the whole batch, which couples the samples. A sample's own gradient (that of its loss
+    alone) divides by the count in that sample: the rows are scaled so before the site,
+    which then sums them unscaled, and every strategy sees an ordinary embedding."""
+    for site in g.sites:
+        if site.kind != "embedding" or not site.node.args[4]:
+            continue
+        grad, indices, num_weights, padding_idx, _ = site.node.args
+        li = _index_layout(site)
+        if li is None:
+            raise DPCompileError(
+                f"dpcompile: {describe_node(site.node)} uses scale_grad_by_freq=True, which divides by each token's "
+                "count in its sample, but dpcompile cannot tell which sample these indices belong to. Fix: pass "
+                "per-sample indices (samples along the sample dim) or use scale_grad_by_freq=False.")
+        with graph.inserting_before(site.node):
+            scaled = graph.call_function(per_sample.frequency_scaled, (grad, indices, li, num_weights))
+        scaled.meta.update(grad.meta)
+        site.node.args = (scaled, indices, num_weights, padding_idx, False)
 
 
 def _pad_2d(pad: fx.Node) -> tuple:
@@ -382,11 +404,7 @@ def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
         dims = args[1] if len(args) > 1 else None
         return call(per_sample.instantiate_sum, (args[0], _layout(args[0]), dims, _static_shape(node)))
     if site.kind == "embedding":
-        grad, indices, num_weights, padding_idx, scale_by_freq = args
-        if scale_by_freq:
-            raise DPCompileError(
-                f"dpcompile: {describe_node(node)} uses scale_grad_by_freq=True, which scales by counts over the "
-                "whole batch (mixing samples). Use nn.Embedding(..., scale_grad_by_freq=False).")
+        grad, indices, num_weights, padding_idx, _ = args
         li = _index_layout(site)
         return call(per_sample.instantiate_embedding, (grad, indices, _layout(grad), li, num_weights, padding_idx))
     if site.kind == "layer_norm":

@@ -12,6 +12,11 @@ only and is expanded to its shape afterwards), and ``dp_scalars = [σ·R or 0, e
 batch size or 0]``. The noise std is a runtime value so that gradient-accumulation
 micro-steps add none and the last one adds it once.
 
+Rows that every sample's gradient leaves zero whatever the data (an embedding's padding_idx
+row, `ParamGrad.zero_rows`) are released as exact zeros, without noise: their sensitivity
+is 0 and which rows they are is fixed by the model, not by the data, so nothing is learnt
+from them; noise there would move the padding vector from its initial value.
+
 Correlated mode (``noise_mechanism="bsr"``): the graph is the same; ``dp_noise`` then holds
 w_t = (C⁻¹Z)_t of the banded square root C instead of z_t, computed by the runtime's
 recursion over the last p − 1 noise vectors of this graph's stream (`dpcompile.bsr`).
@@ -70,6 +75,9 @@ def add_noise(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
             for position, start, numel, _ in members:
                 sizes[position] = (offset + start, numel)
             offset += sum(numel for _, _, numel, _ in members)
+        for g in ctx.plan["param_grads"]:  # padding rows: zero in every sample's gradient (ParamGrad.zero_rows)
+            if g.zero_rows and outputs[g.position] is not None:
+                outputs[g.position] = graph.call_function(per_sample.zero_rows, (outputs[g.position], g.zero_rows))
     out_node.args = (tuple(outputs),)
     graph.eliminate_dead_code()
     gm.recompile()

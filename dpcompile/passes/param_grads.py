@@ -82,6 +82,18 @@ class ParamGrad:
         return len(self.sites) == 1 and all(n.target in SHAPE_OPS or drops_only_padding(n) for n in self.post)
 
     @property
+    def zero_rows(self) -> list[int]:
+        """Rows of the gradient that are zero in every sample's gradient by construction, whatever
+        the data: the padding_idx row of an embedding table used by that one lookup (no post op
+        moves rows). The noise pass leaves them exactly zero: a data-independent set of
+        coordinates with sensitivity 0 needs no noise, and noise there would move the padding
+        vector, which the model expects to stay as initialised."""
+        if len(self.sites) != 1 or not all(n.target in _SAME_DIMS for n in self.post):
+            return []
+        row = padding_index(self.sites[0])
+        return [row] if row is not None and row >= 0 else []
+
+    @property
     def kind(self) -> str:
         kinds = sorted({s.kind for s in self.sites})
         if len(self.sites) > 1:
@@ -178,6 +190,13 @@ def _as_site(node: fx.Node) -> Site | None:
         "cannot split per sample; it supports Linear/matmul, Bilinear, convolutions, Embedding, "
         "LayerNorm, GroupNorm, biases and elementwise scales."
     )
+
+
+def padding_index(site: Site) -> int | None:
+    """The padding_idx argument of an embedding site (-1: none), None for other sites."""
+    if site.kind == "embedding":
+        return site.node.args[3]
+    return None
 
 
 def _sample_free(name: str, node: fx.Node) -> DPCompileError:
