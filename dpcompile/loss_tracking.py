@@ -15,6 +15,11 @@ out, for every value derived from the outputs, where the samples are:
 ``Reduced(kind)``
     summed (``"sum"``) or averaged (``"mean"``) over the samples, every sample
     weighted equally, possibly scaled by constants: a loss.
+``Single(i)``, ``Partial(indices)``
+    a value computed from sample ``i`` alone (``for o in out``, ``out[i]``), and a running sum
+    of such values over distinct samples (``sum(losses)``). Stacking all B single values in
+    order gives ``Batched``; summing all of them gives ``Reduced("sum")``. Anything else
+    that combines values of different samples is refused.
 ``Mixed(where)``
     only ever a value that cannot carry gradient (computed under ``no_grad``,
     ``.detach()``-ed, integer results): a statistic that mixes the samples,
@@ -108,7 +113,19 @@ class Mixed:
     where: str
 
 
-State = Batched | Reduced | Mixed
+@dataclass(frozen=True)
+class Single:
+    """A value computed from sample `index` alone (iterating over the samples: ``for o in out``)."""
+    index: int
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A sum of per-sample values of the samples in `indices` (``sum(losses)`` part way through)."""
+    indices: frozenset
+
+
+State = Batched | Reduced | Mixed | Single | Partial
 
 
 class _Unsafe(Exception):
@@ -296,6 +313,8 @@ class _Call:
 def _dispatch(call: _Call):
     _check_versions(call)
     rule = RULES.get(call.func)
+    if any(isinstance(t._dp_state, (Single, Partial)) for t in call.tracked):
+        return _dispatch_pieces(call, rule)
     if _is_inplace(call.func) or call.kwargs.get("out") is not None:
         return _dispatch_inplace(call, rule)
     if rule is None:
@@ -364,6 +383,72 @@ def _dispatch_inplace(call: _Call, rule):
     res = call.run()
     target._dp_state, target._dp_version = new, target._version
     return res
+
+
+def _dispatch_pieces(call: _Call, rule):
+    """An op on per-sample pieces (Single / Partial values): any op on one sample's values is
+    per-sample; stacking all samples' values in order, or adding them up, rebuilds the batch."""
+    try:
+        if _is_inplace(call.func) or call.kwargs.get("out") is not None:
+            raise _Unsafe("modifies one sample's value in place", "Use the out-of-place op.")
+        state = _pieces_state(call, rule)
+    except _Unsafe as why:
+        res = call.run()
+        if _requires_grad(res):
+            _refuse(call, why)
+        return _mark(res, _mixed(call), call, False)
+    res = call.run()
+    grad = _requires_grad(res)
+    if grad:
+        _check_grad_inputs(call, rule, state)
+    return _mark(res, state, call, grad)
+
+
+def _pieces_state(call: _Call, rule) -> State:
+    states = [t._dp_state for t in call.tracked]
+    if all(isinstance(s, Single) for s in states) and len(set(states)) == 1:
+        return states[0]  # any function of one sample's values stays that sample's
+    if rule is _STACK or rule is _CAT:
+        return _stacked_pieces(call, rule is _STACK)
+    if rule is _additive and call.func not in _NEGATIONS:
+        return _summed_pieces(call, states)
+    if rule in (_mul, _div) and len(states) == 1 and isinstance(states[0], Partial):
+        other = call.arg(1, "other", 1) if call.tracked[0] is call.arg(0, "input") else call.arg(0, "input")
+        if isinstance(other, numbers.Real) and (rule is _mul or call.tracked[0] is call.arg(0, "input")):
+            return states[0]  # a constant factor of every term
+    raise _Unsafe("combines the values of different samples (from iterating over the samples)")
+
+
+def _stacked_pieces(call: _Call, stack: bool) -> Batched:
+    tensors = list(call.arg(0, "tensors"))
+    dim = call.arg(1, "dim", 0)
+    batch = call.tracked[0]._dp_source.batch_size
+    if [_st(t) for t in tensors] != [Single(i) for i in range(batch)]:
+        raise _Unsafe("puts together per-sample values that are not all the batch's samples, once each, in order")
+    if stack:
+        return Batched(_norm_dim(dim, tensors[0].ndim + 1))
+    d = _norm_dim(dim, tensors[0].ndim)
+    if any(t.shape[d] != 1 for t in tensors):
+        raise _Unsafe("concatenates per-sample values with more than one row each along the new sample dim")
+    return Batched(d)
+
+
+def _summed_pieces(call: _Call, states) -> State:
+    indices: set = set()
+    for s in states:
+        new = {s.index} if isinstance(s, Single) else set(s.indices) if isinstance(s, Partial) else None
+        if new is None or new & indices:
+            raise _Unsafe("adds values of different samples that are not one term per sample")
+        indices |= new
+    untracked = [x for x in (call.arg(0, "input"), call.arg(1, "other", 0))
+                 if isinstance(x, torch.Tensor) and not isinstance(x, SampleTensor)]
+    if untracked:
+        raise _Unsafe("adds a tensor to a running sum of per-sample values")
+    if call.func in _SUBTRACTIONS and len(states) > 1:
+        raise _Unsafe("subtracts one sample's value from another's")
+    if len(indices) == call.tracked[0]._dp_source.batch_size:
+        return Reduced("sum")
+    return Partial(frozenset(indices))
 
 
 def _reject_mixed_inputs(call: _Call) -> None:
@@ -589,6 +674,9 @@ def _prepare_backward(func, args, kwargs) -> Callable[[], Any]:
                                   "Reduce it with .mean() or .sum() first."))
         if isinstance(st, Mixed):
             _refuse(name, _Unsafe(f"starts a backward from a value that mixes the samples (made by {st.where})"))
+        if isinstance(st, (Single, Partial)):
+            _refuse(name, _Unsafe("starts a backward from the loss of only some of the batch's samples",
+                                  "Stack or sum every sample's loss first."))
         if r.numel() != 1:
             _refuse(name, _Unsafe("starts a backward from a non-scalar tensor: a user-given gradient for it "
                                   "cannot be analysed", "Reduce it to a scalar loss first."))
@@ -937,6 +1025,9 @@ def _view(call):
     except Exception as exc:  # an argument the meta probe cannot take
         raise _Unsafe(f"could not be followed by dpcompile ({type(exc).__name__})") from None
     stride, size = probe.stride(st.dim), x.shape[st.dim]
+    pieces = _sample_pieces(call, st, x)
+    if pieces is not None:
+        return pieces
     states = []
     for out in _tensors(res):
         found = [j for j in range(out.ndim) if out.stride(j) == stride and out.shape[j] == size]
@@ -944,6 +1035,19 @@ def _view(call):
             raise _Unsafe("selects, slices or moves the samples (not keeping the sample dim whole)")
         states.append(Batched(found[0], st.flat))
     return states if isinstance(res, (tuple, list)) else states[0]
+
+
+def _sample_pieces(call: _Call, st: Batched, x: torch.Tensor):
+    """unbind / select along the sample dim (iterating over the samples): one Single per sample."""
+    if st.flat != 1 or x.shape[st.dim] != x._dp_source.batch_size:
+        return None
+    name = call.name.rsplit(".", 1)[-1]
+    dim = call.arg(1, "dim", 0)
+    if name == "unbind" and _norm_dim(dim, x.ndim) == st.dim:
+        return [Single(i) for i in range(x.shape[st.dim])]
+    if name == "select" and _norm_dim(dim, x.ndim) == st.dim:
+        return Single(operator.index(call.arg(2, "index")) % x.shape[st.dim])
+    return None
 
 
 def _expand(call):
@@ -978,7 +1082,34 @@ def _getitem(call):
         return st
     if st is None:
         raise _Unsafe("indexes a tensor with indices computed from the model outputs")
+    single = _single_sample_key(x, st, key)
+    if single is not None:
+        return single
     return _index_state(tuple(x.shape), st, key)[0]
+
+
+def _single_sample_key(x: torch.Tensor, st: Batched, key):
+    """out[i], out[i:i+1] (and more basic indices after them) on batch-first outputs: sample i's
+    own values."""
+    head = key[0] if isinstance(key, tuple) and key else key
+    rest = key[1:] if isinstance(key, tuple) else ()
+    size = x.shape[0]
+    if st.dim != 0 or st.flat != 1 or isinstance(head, (bool, torch.Tensor)) or size != x._dp_source.batch_size:
+        return None
+    if isinstance(head, slice):
+        picked = range(*head.indices(size))
+        if len(picked) != 1 or size == 1:
+            return None
+        index = picked[0]
+    else:
+        try:
+            index = operator.index(head)
+        except TypeError:
+            return None
+    if any(isinstance(k, torch.Tensor) or type(k).__module__ == "numpy" or isinstance(k, (list, range))
+           for k in rest):
+        return None
+    return Single(index % x.shape[0])
 
 
 def _setitem(call):
@@ -1442,6 +1573,8 @@ _POINTWISE = """abs absolute acos arccos acosh arccosh asin arcsin asinh arcsinh
 _INPLACE_POINTWISE = " ".join(f"Tensor.{n}_" for n in _POINTWISE.split()
                               if "." not in n and not n.endswith("_") and hasattr(torch.Tensor, n + "_"))
 
+_CAT, _STACK = _cat(stack=False), _cat(stack=True)
+
 _RULE_SPEC: list[tuple[Callable, str]] = [
     (_identity, "to float double half bfloat16 contiguous clone detach detach_ cpu cuda requires_grad_ type_as "
                 "Tensor.data positive __pos__ Tensor.type pin_memory"),
@@ -1478,8 +1611,8 @@ _RULE_SPEC: list[tuple[Callable, str]] = [
     (_setitem, "__setitem__"),
     (_gather, "gather take_along_dim"),
     (_index_select, "index_select"),
-    (_cat(stack=False), "cat concat concatenate"),
-    (_cat(stack=True), "stack"),
+    (_CAT, "cat concat concatenate"),
+    (_STACK, "stack"),
     (_matmul, "matmul mm bmm __matmul__ __rmatmul__"),
     (_linear, "F.linear"),
     (_einsum, "einsum"),
@@ -1511,6 +1644,8 @@ def _build() -> None:
 
 
 _build()
+_NEGATIONS = set(_resolve("neg negative __neg__ Tensor.neg_"))
+_SUBTRACTIONS = set(_resolve("sub subtract rsub __sub__ __rsub__ __isub__ Tensor.sub_ Tensor.subtract_"))
 
 # Results returned untouched (tensors that are not derived values of the loss).
 _RAW = {_getset("grad"), _getset("_base")}

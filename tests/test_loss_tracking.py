@@ -434,14 +434,47 @@ def test_non_scalar_backward_is_refused(model, data, owner):
     assert owner.verdicts == []
 
 
-def test_indexing_a_sample_is_refused(model, data, owner):
+def test_indexing_some_samples_is_refused(model, data, owner):
     x, y = data
     out = outputs(model, x, owner)
-    refused(lambda: out[0], "Tensor.__getitem__", "single sample")
     refused(lambda: out[1:], "Tensor.__getitem__", "slices")
     refused(lambda: out[y > 1], "Tensor.__getitem__", "mask")
     refused(lambda: out[torch.randperm(B)], "Tensor.__getitem__")
-    refused(lambda: sum(row.sum() for row in out), "Tensor.unbind")
+    refused(lambda: out[0].pow(2).sum().backward(), "Tensor.backward", "only some")
+
+
+@pytest.mark.parametrize("per_sample_loop", [
+    lambda out, y: torch.stack([F.cross_entropy(o[None], t[None]) for o, t in zip(out, y)]).mean(),
+    lambda out, y: sum(F.cross_entropy(out[i:i + 1], y[i:i + 1]) for i in range(len(y))) / len(y),
+    lambda out, y: torch.cat([out[i][None].log_softmax(1)[:, y[i]] for i in range(len(y))]).neg().mean(),
+    lambda out, y: sum(F.cross_entropy(out.select(0, i)[None], y[i][None]) for i in range(len(y))) * (1 / len(y)),
+], ids=["stack", "python-sum", "cat", "select"])
+def test_a_loop_over_the_samples_is_a_separable_mean(model, data, owner, per_sample_loop):
+    """Iterating over the samples gives each one's own value; all of them stacked in order or
+    summed rebuild the batch (same verdict and gradient as the batched loss)."""
+    x, y = data
+    loss = per_sample_loop(outputs(model, x, owner), y)
+    assert sample_state(loss) == Reduced("mean")
+    assert backward_verdict(loss, owner) == "mean"
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for g, want in zip(got, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(g, want)
+
+
+@pytest.mark.parametrize("mixing", [
+    lambda out: torch.stack([o for o in out][::-1]).pow(2).mean(),  # rows no longer line up with samples
+    lambda out: torch.stack([out[0] - out[1]] * B).pow(2).mean(),
+    lambda out: (out[0] * out[1]).sum(),
+    lambda out: sum(o.sum() for o in out[:-1]) + out[0].sum(),  # sample 0 twice, the last never
+    lambda out: torch.stack([o - out.mean(0) for o in out]).pow(2).mean(),
+], ids=["reversed", "difference", "product", "counted-twice", "centred"])
+def test_combining_different_samples_from_a_loop_is_refused(model, data, owner, mixing):
+    x, _ = data
+    with pytest.raises(DPCompileError):
+        mixing(outputs(model, x, owner)).backward()
+    assert owner.verdicts == [] and all(p.grad is None for p in model.parameters())
 
 
 def test_concatenating_along_the_sample_dim_is_refused(data, owner):
