@@ -15,7 +15,7 @@ from .options import DPOptions
 
 __version__ = "0.1.0"
 __all__ = ["DPCompileError", "DPOptions", "privacy_spent", "privacy_state", "make_private", "inspect_model",
-           "export_onnx"]
+           "export_onnx", "check", "fix"]
 
 
 def privacy_state(model):
@@ -50,6 +50,21 @@ def export_onnx(*args, **kwargs):
     from .export import export_onnx as _export_onnx
 
     return _export_onnx(*args, **kwargs)
+
+
+def check(model, *example_inputs, **kwargs):
+    """Every module the dp backend would refuse, with reason and fix (and, given example inputs, what a
+    private trial step of a copy refuses); see `dpcompile.validate.check`."""
+    from .validate import check as _check
+
+    return _check(model, *example_inputs, **kwargs)
+
+
+def fix(model):
+    """Replace, in place, the modules that have a private drop-in equivalent (BatchNorm -> GroupNorm, ...)."""
+    from .validate import fix as _fix
+
+    return _fix(model)
 
 
 if _os.environ.get("DPCOMPILE_LOGS"):  # TORCH_LOGS-style: DPCOMPILE_LOGS=passes,diff,table,graphs

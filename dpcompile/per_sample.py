@@ -173,6 +173,89 @@ def instantiate_embedding(grad: torch.Tensor, indices: torch.Tensor, lg: tuple, 
     return out.view(B, num_weights, d)
 
 
+# nn.EmbeddingBag. Bag b's output is Σ_t c_t · table[x_t] over its entries t (sum: c_t = the
+# per-sample weight or 1; mean: 1 / its non-padding count; padding entries: 0), or, mode max,
+# table[m_bj, j] per feature j. Norms and sums are computed here from these definitions,
+# never by the kernel's backward, so both always see the same per-bag gradients.
+BAG_SUM, BAG_MEAN, BAG_MAX = 0, 1, 2
+BAG_OFFSETS_MESSAGE = ("dpcompile: EmbeddingBag offsets must start at 0 and never decrease (one bag per sample, "
+                       "in order); no gradient released.")
+
+
+def bag_of_index(indices: torch.Tensor, offsets: torch.Tensor | None, n_bags) -> torch.Tensor:
+    """The bag of each entry. Offsets form: bag b starts at offsets[b] (checked at run time to
+    start at 0 and never decrease); 2-D form (offsets None): n_bags rows of equal length."""
+    n = indices.shape[0]
+    if offsets is None:
+        return torch.div(torch.arange(n, device=indices.device), n // n_bags, rounding_mode="floor")
+    offsets = offsets.long()
+    torch._assert_async(((offsets[:1] == 0).all() & (offsets[1:] >= offsets[:-1]).all()), BAG_OFFSETS_MESSAGE)
+    starts = torch.zeros(n + 1, dtype=torch.long, device=indices.device).index_add(0, offsets, torch.ones_like(offsets))
+    return starts.cumsum(0)[:n] - 1
+
+
+def bag_terms(indices, offsets, weights, mode: int, padding_idx: int, n_bags) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bag of each entry, its coefficient c_t; mode max: 1 for non-padding entries)."""
+    bag = bag_of_index(indices, offsets, n_bags)
+    c = torch.ones(indices.shape, device=indices.device) if padding_idx < 0 else (indices != padding_idx).float()
+    if mode == BAG_MEAN:
+        c = c / c.new_zeros(n_bags).index_add(0, bag, c).clamp(min=1)[bag]
+    elif weights is not None:
+        c = c * weights.float()
+    return bag, c
+
+
+def ghost_sq_norm_bag(grad, indices, offsets, weights, max_indices, mode: int, padding_idx: int,
+                      num_weights: int) -> torch.Tensor:
+    """‖gradient of bag b‖², one bag per sample, no (B, V, d) tensor. Sum/mean: the gradient is
+    u_b g_bᵀ with u_b = Σ_t c_t e_{x_t}, so ‖u_b‖²‖g_b‖², where ‖u_b‖² sums (Σ c_t)² over the
+    bag's distinct tokens (one sort of the (bag, token) keys). Max: feature j sends g_bj to
+    one row, so ‖g_b‖² when the bag has a non-padding entry."""
+    n_bags = grad.shape[0]
+    bag, c = bag_terms(indices, offsets, weights, mode, padding_idx, n_bags)
+    g_sq = grad.float().pow(2).sum(1)
+    if mode == BAG_MAX:
+        return g_sq * (c.new_zeros(n_bags).index_add(0, bag, c) > 0)
+    keys, order = (bag * num_weights + indices.long()).sort()
+    run = torch.cat([keys[:1] == keys[:1], keys[1:] != keys[:-1]]).cumsum(0) - 1  # run of equal keys
+    sums = c.new_zeros(keys.shape[0]).index_add(0, run, c[order])
+    run_bag = torch.zeros_like(keys).scatter(0, run, torch.div(keys, num_weights, rounding_mode="floor"))
+    return c.new_zeros(n_bags).index_add(0, run_bag, sums.pow(2)) * g_sq
+
+
+def _bag_scatter(g, block, n_blocks, indices, offsets, weights, max_indices, mode: int, padding_idx: int,
+                 num_weights: int) -> torch.Tensor:
+    """Σ over bags of each bag's gradient (bag rows g, float32) into (n_blocks·V, d): bag b's
+    rows go to block block[b] (its sample; 0 for the batch sum)."""
+    n_bags, d = g.shape
+    bag, c = bag_terms(indices, offsets, weights, mode, padding_idx, n_bags)
+    base = block * num_weights
+    if mode == BAG_MAX:
+        live = (c.new_zeros(n_bags).index_add(0, bag, c) > 0).unsqueeze(1)
+        rows = (base.unsqueeze(1) + max_indices.long().clamp(min=0)) * d + torch.arange(d, device=g.device)
+        return g.new_zeros(n_blocks * num_weights * d).index_add(0, rows.flatten(), (g * live).flatten()).view(-1, d)
+    return g.new_zeros(n_blocks * num_weights, d).index_add(0, base[bag] + indices.long(), c.unsqueeze(1) * g[bag])
+
+
+def bag_weighted_sum(weights, grad, lg: tuple, indices, offsets, per_sample_weights, max_indices, mode: int,
+                     padding_idx: int, num_weights: int) -> torch.Tensor:
+    """Σ_b w_b · (gradient of bag b): the table's clipped (V, d) gradient, by one index_add."""
+    g = per_sample_rows(weights, grad, lg).float()
+    block = torch.zeros(grad.shape[0], dtype=torch.long, device=grad.device)
+    return _bag_scatter(g, block, 1, indices, offsets, per_sample_weights, max_indices, mode, padding_idx,
+                        num_weights).to(grad.dtype)
+
+
+def instantiate_bag(grad, lg: tuple, indices, offsets, per_sample_weights, max_indices, mode: int,
+                    padding_idx: int, num_weights: int) -> torch.Tensor:
+    """Per-sample table gradients (B, V, d); a sample may own several bags (lg)."""
+    block = sample_of(grad, lg).reshape(-1)
+    n_samples = grad.shape[0] // (lg[1] * lg[2])
+    out = _bag_scatter(grad.float(), block, n_samples, indices, offsets, per_sample_weights, max_indices, mode,
+                       padding_idx, num_weights)
+    return out.view(n_samples, num_weights, -1).to(grad.dtype)
+
+
 def instantiate_layer_norm(grad, x, mean, rstd, lg: tuple, n_normalized: int, which: int) -> torch.Tensor:
     """LayerNorm weight (which=1: Σ g·x̂) or bias (which=2: Σ g) gradients per sample."""
     term = grad * ((x - mean) * rstd) if which == 1 else grad

@@ -69,6 +69,16 @@ FREE = _Marker("FREE")
 AGG = _Marker("AGG")
 
 
+@dataclasses.dataclass(frozen=True)
+class Ragged:
+    """EmbeddingBag's offsets form: 1-D values (role "values": the indices, per-sample weights)
+    that the offsets (role "offsets", one start per sample, the graph input `offsets`) cut into
+    the samples' bags. The offsets are data too (each start depends on the lengths of the
+    samples before it), so both are followed only into the EmbeddingBag ops."""
+    offsets: str
+    role: str
+
+
 class SampleMixingError(DPCompileError):
     pass
 
@@ -103,6 +113,8 @@ def propagate(graph: fx.Graph, ctx: CompileContext, which: str) -> None:
     if which in ("forward", "inference"):
         graph.owning_module.meta[STATE_NAMES] = _state_names(placeholders, ctx)
     start = _placeholder_layouts(placeholders, ctx, which)
+    if which in ("forward", "inference"):
+        start.update(_ragged_bag_inputs(graph, start))
     for node in graph.nodes:
         if node.op == "placeholder":
             node.meta["dp_layout"] = start[node.name]
@@ -525,6 +537,144 @@ def _trilinear(node: fx.Node) -> Any:
     if lay.dim in sumdim:
         return AGG
     return lay.at(lay.dim - sum(1 for d in sumdim if d < lay.dim))
+
+
+# --------------------------------------------------------------------------- EmbeddingBag
+
+BAG_MODES = ("sum", "mean", "max")
+_BAG_FORWARDS = ("_embedding_bag", "_embedding_bag_forward_only")
+# Ops that pass ragged values on unchanged (same shape): dtype casts, copies.
+_RAGGED_SAME = ("view", "_unsafe_view", "reshape", "clone", "contiguous", "alias", "detach", "_to_copy",
+                "convert_element_type", "lift_fresh_copy")
+
+
+def _ragged_bag_inputs(graph: fx.Graph, start: dict[str, Any]) -> dict[str, Ragged]:
+    """EmbeddingBag in offsets form, bag(indices, offsets) with one offset per sample: the
+    graph inputs behind its offsets, indices and per-sample weights get Ragged layouts.
+    The inputs were classified by their sizes alone, which say nothing of the bags."""
+    out: dict[str, Ragged] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] not in _BAG_FORWARDS:
+            continue
+        kw = _kwargs(node)
+        offsets = _input_behind(kw["offsets"])
+        if offsets is None or start.get(offsets.name) != Batched(0) or _ndim(kw["offsets"]) != 1:
+            continue
+        out[offsets.name] = Ragged(offsets.name, "offsets")
+        for values in (kw["indices"], kw.get("per_sample_weights")):
+            root = _input_behind(values) if values is not None else None
+            if root is not None and _ndim(values) == 1:
+                out[root.name] = Ragged(offsets.name, "values")
+    return out
+
+
+def _input_behind(node: Any) -> fx.Node | None:
+    """The graph input `node` is, or copies through same-shape ops; None if computed otherwise."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and _packet_name(node) in _RAGGED_SAME \
+            and node_shape(node) == node_shape(node.args[0]):
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "placeholder" else None
+
+
+def _packet_name(node: fx.Node) -> str:
+    return getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+
+
+def _ragged(node: fx.Node) -> Any:
+    """Ops reading EmbeddingBag's offsets-form values: the bag ops, and same-shape copies."""
+    name = _packet_name(node)
+    rule = RULES.get(getattr(node.target, "overloadpacket", None))
+    if rule in (_embedding_bag, _embedding_bag_backward, _embedding_bag_weights_backward):
+        return rule(node)
+    if name in _RAGGED_SAME and len(_tensor_args(node)) == 1 and node_shape(node) == node_shape(node.args[0]):
+        return layout_of(node.args[0])
+    raise _mix(node, "reads the indices or offsets of an EmbeddingBag given in offsets form: they group the "
+                     "samples' values by data-dependent offsets, which dpcompile follows only into EmbeddingBag",
+               "use them only as EmbeddingBag's arguments, or pass a 2-D (batch, length) input padded with "
+               "padding_idx")
+
+
+def bag_structure(node: fx.Node, indices: fx.Node, offsets: fx.Node | None, bags: int | None) -> tuple[Any, Any]:
+    """(layout of the bags, step): how an EmbeddingBag op's indices form the samples' bags.
+
+    2-D input (batch, L): the op reads the flattened indices and offsets 0, L, 2L... (an iota
+    in the forward graph): bag k holds indices kL..kL+L-1, so with indices laid out as
+    Batched(0, outer, inner), L | inner, the bags are Batched(0, outer, inner / L); the step
+    is L. Offsets form: one bag per sample (the offsets input holds the samples), step None.
+    `offsets` is None in backward graphs, where the forward's check stands for the saved iota
+    and the step follows from the layouts; `bags` is then the gradient's layout."""
+    li = layout_of(indices)
+    if isinstance(li, Ragged):
+        lo = layout_of(offsets) if offsets is not None else Ragged(li.offsets, "offsets")
+        if lo != Ragged(li.offsets, "offsets") or (bags is not None and bags != Batched(0)):
+            raise _mix(node, "takes offsets that are not the ones its indices were grouped by")
+        return Batched(0), None
+    if isinstance(li, Batched) and li.dim == 0 and _ndim(indices) == 1:
+        if offsets is None:
+            if isinstance(bags, Batched) and bags.dim == 0 and bags.outer == li.outer:
+                step = sympy.simplify(sympy.sympify(li.inner) / bags.inner)
+                if step.is_integer:
+                    return bags, int(step) if step.is_Integer else step
+        else:
+            step = _iota_step(offsets)
+            if step is not None and sympy.simplify(sympy.sympify(li.inner) % step) == 0 \
+                    and sympy.simplify(node_shape(offsets)[0] * step - node_shape(indices)[0]) == 0:
+                return Batched(0, li.outer, li.inner // step if isinstance(li.inner, int) else li.inner / step), step
+    raise _mix(node, "is an EmbeddingBag whose bags dpcompile cannot match to samples",
+               "pass a 2-D (batch, length) input padded with padding_idx; or 1-D indices with offsets holding one "
+               "bag per sample (include_last_offset=False), the model reading a tensor with the samples along "
+               "dimension 0 (dense features, or the offsets) before the EmbeddingBag: dpcompile takes the batch "
+               "size from the first tensor input the model reads")
+
+
+def _iota_step(node: Any) -> int | None:
+    """s for offsets 0, s, 2s, ... built in the graph (EmbeddingBag's 2-D form), else None."""
+    if not isinstance(node, fx.Node) or _packet_name(node) != "iota" or layout_of(node) is not FREE:
+        return None
+    kw = dict(node.kwargs)
+    start, step = kw.get("start", node.args[1] if len(node.args) > 1 else 0), kw.get("step", 1)
+    return step if start == 0 and isinstance(step, int) and step > 0 else None
+
+
+def _embedding_bag(node: fx.Node) -> Any:
+    """(bags, index per entry, bag sizes, max indices) of EmbeddingBag: each output row sums (or
+    averages, or maxes) the rows its own bag's indices look up."""
+    kw = _kwargs(node)
+    if not _carries_samples(kw["indices"]) and not _carries_samples(kw["offsets"]):
+        return _multi(node, _free_or_agg(node))
+    if isinstance(layout_of(kw["weight"]), Batched) or layout_of(kw["weight"]) is AGG:
+        raise _mix(node, "uses a per-sample embedding table")
+    for flag, fix in (("scale_grad_by_freq", "scale_grad_by_freq=False"), ("sparse", "sparse=False"),
+                      ("include_last_offset", "include_last_offset=False")):
+        if kw.get(flag, False):
+            raise _mix(node, f"is an EmbeddingBag with {flag}=True, which dpcompile does not split per sample",
+                       f"use {fix}")
+    bags, _ = bag_structure(node, kw["indices"], kw["offsets"], None)
+    weights = kw.get("per_sample_weights")
+    if weights is not None and layout_of(weights) != layout_of(kw["indices"]):
+        raise _mix(node, "takes per-sample weights laid out differently from its indices")
+    val = node.meta["val"]
+
+    def laid(value: torch.Tensor, like: Any) -> Any:  # empty outputs (offset2bag in sum mode) hold nothing
+        return FREE if isinstance(value.numel(), int) and value.numel() == 0 else like
+
+    return (bags, laid(val[1], layout_of(kw["indices"])), laid(val[2], bags), laid(val[3], bags))
+
+
+def _embedding_bag_backward(node: fx.Node) -> Any:
+    """The table's gradient: a sum over all bags (a parameter-gradient site)."""
+    kw = _kwargs(node)
+    bag_structure(node, kw["indices"], kw["offsets"] if isinstance(layout_of(kw["offsets"]), Ragged) else None,
+                  layout_of(kw["grad"]))
+    return AGG
+
+
+def _embedding_bag_weights_backward(node: fx.Node) -> Any:
+    """Gradient of the per-sample weights: one value per index, from its own bag's gradient row."""
+    kw = _kwargs(node)
+    bag_structure(node, kw["indices"], kw["offsets"] if isinstance(layout_of(kw["offsets"]), Ragged) else None,
+                  layout_of(kw["grad"]))
+    return layout_of(kw["indices"])
 
 
 def _bmm(node: fx.Node) -> Any:
@@ -1167,6 +1317,9 @@ _register(_embedding, "embedding")
 _register(_mm, "mm", "addmm")
 _register(_bmm, "bmm", "baddbmm")
 _register(_trilinear, "_trilinear")
+_register(_embedding_bag, *_BAG_FORWARDS)
+_register(_embedding_bag_backward, "_embedding_bag_backward")
+_register(_embedding_bag_weights_backward, "_embedding_bag_per_sample_weights_backward")
 _register(_batch_first, "convolution", "_convolution", "max_pool2d_with_indices", "max_pool2d_with_indices_backward",
           "max_pool3d_with_indices", "avg_pool2d", "avg_pool2d_backward", "avg_pool1d", "avg_pool3d",
           "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "adaptive_avg_pool1d", "upsample_nearest2d",
@@ -1215,6 +1368,8 @@ def _infer(node: fx.Node, ctx: CompileContext) -> Any:
     if target is operator.getitem:
         parent = layout_of(node.args[0])
         return parent[node.args[1]] if isinstance(parent, (tuple, list)) else parent
+    if any(isinstance(layout_of(a), Ragged) for a in _tensor_args(node)):
+        return _ragged(node)
     if not isinstance(target, torch._ops.OpOverload):
         # Python-level ops on sizes (operator.mul on SymInts, sym_float...).
         if any(isinstance(layout_of(a), Batched) for a in _tensor_args(node)):

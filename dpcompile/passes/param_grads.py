@@ -7,6 +7,7 @@ happens, the ops whose inputs are per-sample and whose output is not:
   number of leading dims, HF ``Conv1D``, any matmul against a parameter;
 - ``sum``: a reduction over the batch dim: biases, elementwise scales (RMSNorm...);
 - ``embedding``: ``embedding_dense_backward``;
+- ``embedding_bag``: ``_embedding_bag_backward`` (nn.EmbeddingBag, every mode);
 - ``conv``: ``convolution_backward`` (weight and bias);
 - ``bilinear``: ``_trilinear`` summing over the rows (nn.Bilinear's weight);
 - ``layer_norm`` / ``group_norm``: the affine parts of their backward ops.
@@ -57,7 +58,7 @@ LINEAR_OPS = SHAPE_OPS | {
 class Site:
     node: fx.Node  # the op that sums over samples
     value: fx.Node  # what the post ops consume: `node`, or its getitem
-    kind: str  # linear / sum / embedding / conv / bilinear / layer_norm / group_norm
+    kind: str  # linear / sum / embedding / embedding_bag / conv / bilinear / layer_norm / group_norm
     index: int | None = None  # output index for tuple sites
 
 
@@ -185,10 +186,12 @@ def _as_site(node: fx.Node) -> Site | None:
         return Site(node, node, "embedding")
     if node.target is aten._trilinear.default:
         return Site(node, node, "bilinear")
+    if node.target is aten._embedding_bag_backward.default:
+        return Site(node, node, "embedding_bag")
     raise DPCompileError(
         f"dpcompile: a parameter gradient is summed over samples by {describe_node(node)}, which dpcompile "
         "cannot split per sample; it supports Linear/matmul, Bilinear, convolutions, Embedding, "
-        "LayerNorm, GroupNorm, biases and elementwise scales."
+        "EmbeddingBag, LayerNorm, GroupNorm, biases and elementwise scales."
     )
 
 
@@ -196,6 +199,8 @@ def padding_index(site: Site) -> int | None:
     """The padding_idx argument of an embedding site (-1: none), None for other sites."""
     if site.kind == "embedding":
         return site.node.args[3]
+    if site.kind == "embedding_bag":
+        return site.node.args[11] if len(site.node.args) > 11 else site.node.kwargs.get("padding_idx", -1)
     return None
 
 
