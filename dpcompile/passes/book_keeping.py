@@ -25,7 +25,8 @@ import torch.fx as fx
 from .. import cost_model, per_sample
 from ..errors import DPCompileError, describe_node
 from .base import CompileContext, node_shape, pad_amounts, run_recorded
-from .batch_dim import Batched, batched_args, layout_of, trilinear_dims
+from .batch_dim import (BAG_MODES, Batched, Ragged, _kwargs, bag_structure, batched_args, layout_of,
+                        trilinear_dims)
 from .param_grads import ParamGrad, Site
 
 aten = torch.ops.aten
@@ -218,6 +219,9 @@ def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
     costs = cost_model.generic(numel, rows)
     if g.norm_preserving and site.kind == "bilinear" and _ghostable_trilinear(site.node):
         costs["ghost"] = _trilinear_ghost_cost(site.node)
+    if g.norm_preserving and site.kind == "embedding_bag" and layout_of(site.node.args[0]) == Batched(0):
+        d = int(node_shape(site.node.args[0])[1])  # one bag per sample: ‖u_b‖²‖g_b‖² (the sort is not priced)
+        costs["ghost"] = cost_model.Cost(3 * cost_model.B * d, cost_model.B, traffic=cost_model.B * d * 4)
     return costs
 
 
@@ -243,6 +247,17 @@ def _trilinear_ghost_cost(node: fx.Node) -> cost_model.Cost:
     widths = [sympy.Mul(*(size for d, size in zip(dims, node_shape(x)) if d != p))
               for x, dims in zip(node.args[:3], positions)]
     return cost_model.linear(lay.outer * lay.inner, widths[0], widths[1] + widths[2])["ghost"]
+
+
+def _bag_args(node: fx.Node) -> tuple:
+    """The per_sample bag helpers' arguments after the bag rows: (indices, offsets or None
+    for the 2-D form, per-sample weights, max indices, mode, padding_idx, table rows)."""
+    kw = _kwargs(node)
+    ragged = isinstance(layout_of(kw["offsets"]), Ragged)
+    _, step = bag_structure(node, kw["indices"], kw["offsets"] if ragged else None, layout_of(kw["grad"]))
+    mode = kw["mode"] if isinstance(kw["mode"], int) else BAG_MODES.index(kw["mode"])
+    return (kw["indices"], kw["offsets"] if step is None else None, kw.get("per_sample_weights"),
+            kw["maximum_indices"], mode, kw.get("padding_idx", -1), kw["num_weights"])
 
 
 def _ghostable_embedding(site: Site) -> bool:
@@ -280,6 +295,11 @@ def _ghost(graph: fx.Graph, g: ParamGrad):
     elif site.kind == "bilinear":
         p, positions, layout = _trilinear_rows(site.node)
         sq = graph.call_function(per_sample.ghost_sq_norm_trilinear, (*site.node.args[:3], positions, p, layout))
+    elif site.kind == "embedding_bag":  # the clipped sum from the same definitions, not the kernel
+        grad, bag = site.node.args[0], _bag_args(site.node)
+        sq = graph.call_function(per_sample.ghost_sq_norm_bag, (grad, *bag))
+        return sq, lambda weights: _replay_post(graph, g, {site.value: graph.call_function(
+            per_sample.bag_weighted_sum, (weights, grad, _layout(grad), *bag))})
     else:
         grad, indices, _, padding_idx, scale_by_freq = site.node.args
         sq = graph.call_function(per_sample.ghost_sq_norm_embedding,
@@ -414,6 +434,8 @@ def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
     if site.kind == "group_norm":
         grad, x, mean, rstd, _, _, _, _, groups = args[:9]
         return call(per_sample.instantiate_group_norm, (grad, x, mean, rstd, _layout(grad), groups, site.index))
+    if site.kind == "embedding_bag":
+        return call(per_sample.instantiate_bag, (args[0], _layout(args[0]), *_bag_args(node)))
     if site.kind == "bilinear":
         p, positions, layout = _trilinear_rows(node)
         rank = len(positions[0]) + len(args[3])
