@@ -14,10 +14,17 @@ from torch.func import vmap
 from . import kernels
 
 
+def _is_one(size) -> bool:
+    """A layout entry known to be 1. Dynamic lengths arrive as SymInts: comparing one with 1
+    could add a shape guard while the backward is traced, so they count as not 1 (the
+    general code paths below hold for 1 as well)."""
+    return isinstance(size, int) and size == 1
+
+
 def batch_front(x: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
     """(..., outer*B*inner, ...) -> (B, ..., outer*inner, ...): one slice per sample, same rank."""
     dim, outer, inner = layout
-    if outer == 1:  # stays a strided view: GEMMs read it in place (flattening a size-1 dim made Inductor copy it)
+    if _is_one(outer):  # stays a strided view: GEMMs read it in place (flattening a size-1 dim made Inductor copy it)
         x = x.unflatten(dim, (-1, inner))
         return x if dim == 0 else x.movedim(dim, 0)
     x = x.unflatten(dim, (outer, -1, inner)).movedim(dim + 1, 0)
@@ -28,7 +35,7 @@ def per_sample_rows(weights: torch.Tensor, x: torch.Tensor, layout: tuple[int, i
     """x with every element of sample b multiplied by weights[b] (the BK re-weighting)."""
     dim, outer, inner = layout
     w = weights.to(x.dtype)
-    if outer != 1 or inner != 1:
+    if not (_is_one(outer) and _is_one(inner)):
         w = w.view(1, -1, 1).expand(outer, -1, inner).reshape(-1)
     return x * w.view([-1 if d == dim else 1 for d in range(x.dim())])
 

@@ -38,6 +38,7 @@ class CompileContext:
     input_kinds: list[str]  # per forward input: "param", "buffer", "batched", "free", "symint"
     batch_size: sympy.Expr | None = None  # B, an Integer (static) or symbol expression (dynamic)
     batch_hint: int | None = None  # B of the example inputs (for cost decisions when B is symbolic)
+    length_plans: int = 0  # earlier compiles of this region whose plan guards a range of lengths
     forward_layouts: dict[str, Any] = dataclasses.field(default_factory=dict)
     forward_sample_ids: dict[str, Any] = dataclasses.field(default_factory=dict)  # see batch_dim.SAMPLE_IDS
     tangent_layouts: list[Any] = dataclasses.field(default_factory=list)

@@ -38,6 +38,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from .. import per_sample
 from ..errors import DPCompileError, describe_node
+from . import symbolic
 from .base import CompileContext, node_shape, pad_amounts, run_recorded, to_expr
 
 aten = torch.ops.aten
@@ -46,8 +47,8 @@ aten = torch.ops.aten
 @dataclasses.dataclass(frozen=True)
 class Batched:
     dim: int
-    outer: int = 1
-    inner: int = 1
+    outer: int | sympy.Expr = 1  # sympy expressions of shape symbols under dynamic lengths (passes/symbolic.py)
+    inner: int | sympy.Expr = 1
 
     def at(self, dim: int) -> "Batched":
         return Batched(dim, self.outer, self.inner)
@@ -255,7 +256,7 @@ def _view(node: fx.Node) -> Any:
     if not isinstance(lay, Batched):
         return lay
     in_shape, out_shape = node_shape(src), node_shape(node)
-    return _map_view(node, lay, in_shape, out_shape)
+    return _map_view(node, lay, [symbolic.exact(s) for s in in_shape], [symbolic.exact(s) for s in out_shape])
 
 
 def _map_view(node: fx.Node, lay: Batched, in_shape, out_shape) -> Batched:
@@ -266,8 +267,8 @@ def _map_view(node: fx.Node, lay: Batched, in_shape, out_shape) -> Batched:
     for j, size in enumerate(out_shape):
         outer = sympy.simplify(before / pre)
         inner = sympy.simplify(pre * size / (before * B))
-        if outer.is_integer and inner.is_integer and outer >= 1 and inner >= 1:
-            return Batched(j, int(outer), int(inner))
+        if outer.is_integer and inner.is_integer and (outer - 1).is_nonnegative and (inner - 1).is_nonnegative:
+            return Batched(j, symbolic.size(outer), symbolic.size(inner))
         pre = pre * size
     raise _mix(node, "reshapes the batch dimension so that samples are split across dimensions")
 
@@ -810,7 +811,7 @@ def guard_token_means(graph: fx.Graph, ctx: CompileContext) -> None:
                        "set loss_reduction='mean' for a model that returns a mean loss")
         target, ignore_index, total_weight = node.args[2], node.args[5], node.args[6]
         lay = layout_of(target)
-        layout = lay.as_tuple() if isinstance(lay, Batched) else None
+        layout = symbolic.graph_layout(graph, lay.as_tuple()) if isinstance(lay, Batched) else None
         with graph.inserting_before(node):
             checked = graph.call_function(per_sample.checked_token_count,
                                           (total_weight, target, ignore_index, layout, describe_node(node)))

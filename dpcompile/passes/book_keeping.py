@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from .. import cost_model, per_sample
 from ..errors import DPCompileError, describe_node
+from . import symbolic
 from .base import CompileContext, node_shape, pad_amounts, run_recorded
 from .batch_dim import (BAG_MODES, Batched, Ragged, _kwargs, bag_structure, batched_args, layout_of,
                         trilinear_dims)
@@ -35,14 +36,22 @@ CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 # one norm, one clipped sum and one noise kernel: a GPT-2 has ~100 of them, each otherwise
 # three tiny kernels of its own (launches, and Inductor compile time).
 PACK_NUMEL = 1 << 16
+# Plans (compiles) per compiled region for dynamic lengths, each guarding the range of lengths it
+# suits; the last one takes every further length. Keeps the recompiles well under Dynamo's limit
+# (8), past which it would run the model eagerly, i.e. refuse it (no dp backward).
+MAX_LENGTH_PLANS = 4
 
 
 def run(gm: fx.GraphModule, ctx: CompileContext):
     def body():
         table = rewrite(gm, ctx)
         packed = sum(len(members) for _, members in ctx.plan.get("packs", []))
-        return {"table": table, "notes": [f"{packed} small gradients share one norm, clipped sum and noise "
-                                          "kernel"] if packed else []}
+        notes = [f"{packed} small gradients share one norm, clipped sum and noise kernel"] if packed else []
+        guards = ctx.plan.get("size_guards")
+        if guards:
+            notes.append(f"plan chosen at sizes {ctx.plan['size_hints']}; it holds for {', '.join(guards)} "
+                         "(guarded: other sizes recompile)")
+        return {"table": table, "notes": notes}
 
     return run_recorded("book_keeping", "backward", gm, body)
 
@@ -60,13 +69,20 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     out_node = graph.output_node()
     table, sq_norms, finishers, per_sample_grads, small = [], [], [], [], []
     expanders = ctx.plan["lsg_expand"] = {}  # position -> reduced clipped sum -> parameter gradient
+    chosen = []  # (costs, strategy asked, strategy chosen) of the cost model's choices
     with graph.inserting_before(out_node):
         for g in grads:
             _pad_before_transpose(graph, g)
             _per_sample_frequencies(graph, g)
             costs = _costs(g, ctx.batch_size)
+            sizes = symbolic.hints([e for c in costs.values() for e in (c.flops, c.memory, c.traffic)],
+                                   exclude={cost_model.B})
             wanted = "phantom" if ctx.options.strategy == "ghost" and "phantom" in costs else ctx.options.strategy
-            strategy = "instantiate" if ctx.deferred else cost_model.choose(costs, batch, wanted, budget)
+            if ctx.deferred:
+                strategy = "instantiate"
+            else:
+                strategy = cost_model.choose(costs, batch, wanted, budget, sizes)
+                chosen.append((costs, wanted, strategy))
             if g.lsg is not None:
                 strategy = "lsg"
                 sq, finish = _lsg(graph, g, expanders)
@@ -83,12 +99,13 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
             if sq is not None:
                 sq_norms.append(sq)
                 finishers.append((g, finish))
-            flops, mem = costs[strategy].at(batch)
+            flops, mem = costs[strategy].at(batch, sizes)
             table.append({"param": g.name, "kind": g.kind, "strategy": strategy,
                           "flops": flops, "memory_bytes": mem,
-                          "traffic_bytes": costs[strategy].traffic_at(batch),
+                          "traffic_bytes": costs[strategy].traffic_at(batch, sizes),
                           "flops_expr": str(costs[strategy].flops), "memory_expr": str(costs[strategy].memory),
-                          "alternatives": {k: c.at(batch) for k, c in costs.items() if k != strategy}})
+                          "alternatives": {k: c.at(batch, sizes) for k, c in costs.items() if k != strategy}})
+        _guard_plan(chosen, batch, budget, ctx)
         if small:
             packed = graph.call_function(per_sample.pack, tuple(values for _, values in small))
             sq_norms.append(graph.call_function(per_sample.sq_norm, (packed,)))
@@ -195,13 +212,33 @@ def _pad_2d(pad: fx.Node) -> tuple:
 
 # ------------------------------------------------------------------ costs
 
+def _guard_plan(chosen: list, batch: int, budget: float, ctx: CompileContext) -> None:
+    """Dynamic lengths: guard the range of each length symbol over which this plan stays good
+    (`cost_model.plan_range`), so that Dynamo recompiles only outside it: a few buckets of
+    lengths, not one compile per length. The batch size is not guarded, as for static
+    lengths: costs are linear in B (only the memory budget could change with it), and a
+    guard would recompile Poisson batches by size."""
+    exprs = [e for costs, _, _ in chosen for c in costs.values() for e in (c.flops, c.memory, c.traffic)]
+    sizes = symbolic.hints(exprs, exclude={cost_model.B})
+    guards = []
+    if ctx.length_plans >= MAX_LENGTH_PLANS - 1:  # the last plan serves all further lengths
+        sizes = {}
+    for symbol in sorted(set(sizes) - getattr(ctx.batch_size, "free_symbols", set()), key=str):
+        lowest, highest = symbolic.value_range(symbol)
+        lo, hi = cost_model.plan_range(chosen, batch, budget, sizes, symbol, lowest, highest)
+        guards += symbolic.guard_range(symbol, lo, hi)
+    if guards:
+        ctx.plan["size_guards"] = guards
+        ctx.plan["size_hints"] = {str(s): v for s, v in sizes.items()}
+
+
 def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
     numel = int(torch.Size(g.output.meta["val"].shape).numel())
     site = g.sites[0]
     if g.phantom is not None:
         emb, lin = g.phantom.embedding, g.phantom.linear
         grad, la = emb.node.args[0], lin.node.args[0].meta["dp_layout"]
-        rows_in = int(sympy.Mul(*node_shape(grad)[:-1]) / batch_size)
+        rows_in = symbolic.size(sympy.simplify(sympy.Mul(*node_shape(grad)[:-1]) / batch_size))
         return cost_model.phantom(rows_in, la.outer * la.inner, int(node_shape(grad)[-1]), int(emb.node.args[2]))
     if g.norm_preserving and site.kind == "linear":
         a, b = site.node.args
@@ -213,9 +250,9 @@ def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
         return costs
     if g.norm_preserving and site.kind == "embedding" and _ghostable_embedding(site):
         grad = site.node.args[0]
-        rows = sympy.Mul(*node_shape(grad)[:-1]) / batch_size
-        return cost_model.embedding(int(rows), int(node_shape(grad)[-1]), int(site.node.args[2]))
-    rows = max(_rows_per_sample(s) for s in g.sites)
+        rows = symbolic.size(sympy.simplify(sympy.Mul(*node_shape(grad)[:-1]) / batch_size))
+        return cost_model.embedding(rows, int(node_shape(grad)[-1]), int(site.node.args[2]))
+    rows = sympy.Max(*(_rows_per_sample(s) for s in g.sites))
     costs = cost_model.generic(numel, rows)
     if g.norm_preserving and site.kind == "bilinear" and _ghostable_trilinear(site.node):
         costs["ghost"] = _trilinear_ghost_cost(site.node)
@@ -277,14 +314,15 @@ def _index_layout(site: Site) -> tuple | None:
     return None
 
 
-def _rows_per_sample(site: Site) -> int:
-    return max((lay.outer * lay.inner for _, lay in batched_args(site.node)), default=1)
+def _rows_per_sample(site: Site) -> sympy.Expr:
+    return sympy.Max(1, *(lay.outer * lay.inner for _, lay in batched_args(site.node)))
 
 
 # ------------------------------------------------------------------ strategies
 
-def _layout(node: fx.Node) -> tuple[int, int, int]:
-    return node.meta["dp_layout"].as_tuple()
+def _layout(node: fx.Node) -> tuple:
+    """The node's layout as helper arguments (symbolic sizes as nodes of its graph)."""
+    return symbolic.graph_layout(node.graph, node.meta["dp_layout"].as_tuple())
 
 
 def _ghost(graph: fx.Graph, g: ParamGrad):
@@ -359,8 +397,8 @@ def _packable(g: ParamGrad) -> bool:
     if g.lsg is not None or g.phantom is not None or not g.reshape_only:
         return False
     numel = int(torch.Size(g.output.meta["val"].shape).numel())
-    site_numel = int(torch.Size(g.sites[0].value.meta["val"].shape).numel())
-    return numel == site_numel <= PACK_NUMEL
+    site_numel = sympy.Mul(*node_shape(g.sites[0].value))  # no int(): a dynamic length would be specialized
+    return site_numel.is_number and numel == int(site_numel) <= PACK_NUMEL
 
 
 def _pack_finish(graph: fx.Graph, small: list, packed: fx.Node, weights: fx.Node):
@@ -422,7 +460,7 @@ def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
         return call(per_sample.instantiate_linear, (*args, _layout(args[0]), _layout(args[1])))
     if site.kind == "sum":
         dims = args[1] if len(args) > 1 else None
-        return call(per_sample.instantiate_sum, (args[0], _layout(args[0]), dims, _static_shape(node)))
+        return call(per_sample.instantiate_sum, (args[0], _layout(args[0]), dims, _shape_args(node)))
     if site.kind == "embedding":
         grad, indices, num_weights, padding_idx, _ = args
         li = _index_layout(site)
@@ -449,6 +487,13 @@ def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
 
 def _static_shape(node: fx.Node) -> list[int]:
     return [int(s) for s in node.meta["val"].shape]
+
+
+def _shape_args(node: fx.Node) -> list:
+    """The node's shape as helper arguments: ints, and nodes for dynamic sizes (e.g. the (T, d)
+    sum over samples feeding a position embedding's backward). int() of a SymInt would add a
+    guard specializing the graph to this length."""
+    return [symbolic.graph_value(node.graph, s) for s in node_shape(node)]
 
 
 def _extract_post(gm: fx.GraphModule, g: ParamGrad) -> tuple[fx.GraphModule, list[fx.Node]]:
