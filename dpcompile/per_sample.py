@@ -206,10 +206,21 @@ def bag_terms(indices, offsets, weights, mode: int, padding_idx: int, n_bags) ->
     bag = bag_of_index(indices, offsets, n_bags)
     c = torch.ones(indices.shape, device=indices.device) if padding_idx < 0 else (indices != padding_idx).float()
     if mode == BAG_MEAN:
-        c = c / c.new_zeros(n_bags).index_add(0, bag, c).clamp(min=1)[bag]
+        c = c / bag_sums(c, bag, offsets, n_bags).clamp(min=1)[bag]
     elif weights is not None:
         c = c * weights.float()
     return bag, c
+
+
+def bag_sums(c: torch.Tensor, bag: torch.Tensor, offsets, n_bags) -> torch.Tensor:
+    """Σ of c over each bag: rows of equal length in the 2-D form, else an index_add."""
+    return c.view(n_bags, -1).sum(1) if offsets is None else _add_per_bag(c, bag, n_bags)
+
+
+def _add_per_bag(values: torch.Tensor, bag: torch.Tensor, n_bags) -> torch.Tensor:
+    """index_add of values into n_bags slots, through one spare slot: Inductor's vectorized CPU
+    scatter fails on a 1-element target (one bag: the index folds to a constant; torch 2.13)."""
+    return values.new_zeros(n_bags + 1).index_add(0, bag, values)[:n_bags]
 
 
 def ghost_sq_norm_bag(grad, indices, offsets, weights, max_indices, mode: int, padding_idx: int,
@@ -222,12 +233,12 @@ def ghost_sq_norm_bag(grad, indices, offsets, weights, max_indices, mode: int, p
     bag, c = bag_terms(indices, offsets, weights, mode, padding_idx, n_bags)
     g_sq = grad.float().pow(2).sum(1)
     if mode == BAG_MAX:
-        return g_sq * (c.new_zeros(n_bags).index_add(0, bag, c) > 0)
+        return g_sq * (bag_sums(c, bag, offsets, n_bags) > 0)
     keys, order = (bag * num_weights + indices.long()).sort()
     run = torch.cat([keys[:1] == keys[:1], keys[1:] != keys[:-1]]).cumsum(0) - 1  # run of equal keys
     sums = c.new_zeros(keys.shape[0]).index_add(0, run, c[order])
     run_bag = torch.zeros_like(keys).scatter(0, run, torch.div(keys, num_weights, rounding_mode="floor"))
-    return c.new_zeros(n_bags).index_add(0, run_bag, sums.pow(2)) * g_sq
+    return _add_per_bag(sums.pow(2), run_bag, n_bags) * g_sq
 
 
 def _bag_scatter(g, block, n_blocks, indices, offsets, weights, max_indices, mode: int, padding_idx: int,
@@ -238,7 +249,7 @@ def _bag_scatter(g, block, n_blocks, indices, offsets, weights, max_indices, mod
     bag, c = bag_terms(indices, offsets, weights, mode, padding_idx, n_bags)
     base = block * num_weights
     if mode == BAG_MAX:
-        live = (c.new_zeros(n_bags).index_add(0, bag, c) > 0).unsqueeze(1)
+        live = (bag_sums(c, bag, offsets, n_bags) > 0).unsqueeze(1)
         rows = (base.unsqueeze(1) + max_indices.long().clamp(min=0)) * d + torch.arange(d, device=g.device)
         return g.new_zeros(n_blocks * num_weights * d).index_add(0, rows.flatten(), (g * live).flatten()).view(-1, d)
     return g.new_zeros(n_blocks * num_weights, d).index_add(0, base[bag] + indices.long(), c.unsqueeze(1) * g[bag])
