@@ -4,7 +4,7 @@ workload. Models are built from transformers configs with random weights: nothin
 
     python3 bench/hf_suite.py --out bench_out/hf                          # every workload, full size
     python3 bench/hf_suite.py --workloads gpt2-1024,bert-base --out DIR   # some of them
-    python3 bench/hf_suite.py --tiny --workloads gpt2-256,bert-base --out DIR   # CPU smoke run, seconds
+    python3 bench/hf_suite.py --tiny --workloads gpt2-256,vit-base --out DIR   # CPU smoke run, ~1 min each
 
 Each workload runs in a child process under --timeout seconds, so a hang, a crash or an out-of-
 memory error costs that workload only; the modes it had finished are kept. A mode that fails
@@ -301,7 +301,7 @@ def run_mode(name: str, mode: str, args) -> dict:
 
             row["private_steps"] = dpcompile.privacy_state(model).steps
     except Exception as e:  # one failing mode (a refusal, a missing package, OOM) must not hide the others
-        row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
     return row
 
 
