@@ -198,8 +198,9 @@ def test_phantom_clipping_of_tied_embeddings(padding_idx):
     assert row["strategy"] == "phantom" and row["kind"] == "shared(embedding+linear)"
 
 
-def test_vmap_fallback_for_transposed_and_3d_convolutions():
-    """Sites without a batched formula (ConvTranspose2d, Conv3d) are instantiated by vmap."""
+def test_transposed_and_3d_convolutions_clip_like_the_oracle():
+    """ConvTranspose2d and Conv3d share the windowed-correlation formula of every convolution
+    (more forms in test_layer_coverage.py)."""
     seed = fresh_seed()
     torch.manual_seed(seed)
 
