@@ -181,6 +181,17 @@ def _placeholder_layouts(placeholders: list[fx.Node], ctx: CompileContext, which
 
 # --------------------------------------------------------------------------- helpers
 
+def _is_inplace(op: torch._ops.OpOverload) -> bool:
+    """An op that writes its first argument (torch.Tag.inplace from torch 2.12; the schema's alias
+    annotation before)."""
+    tag = getattr(torch.Tag, "inplace", None)
+    if tag is not None:
+        return tag in op.tags
+    args = op._schema.arguments
+    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write \
+        and not any(a.kwarg_only and a.name == "out" for a in args)
+
+
 def layout_of(arg: Any) -> Any:
     if isinstance(arg, fx.Node):
         return arg.meta.get("dp_layout", FREE)
@@ -1377,7 +1388,7 @@ def _infer(node: fx.Node, ctx: CompileContext) -> Any:
             raise _mix(node, "is not an aten op and takes per-sample tensors")
         return FREE
     rule = RULES.get(target.overloadpacket)
-    if rule is None and torch.Tag.inplace in target.tags:
+    if rule is None and _is_inplace(target):
         rule = _in_place
     if rule is None and target.namespace == "prims":
         rule = _PRIMS.get(target.overloadpacket.__name__)
