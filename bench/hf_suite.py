@@ -409,18 +409,24 @@ def run_suite(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join([sys.executable, *sys.argv])
-    rows = []
+    raw = []
     for name in args.workloads.split(","):
         t0 = time.perf_counter()
-        rows += run_workload(name, args, out)
+        raw += run_workload(name, args, out)
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    # rows of a killed process: the host as its siblings saw it (the parent leaves CUDA uninitialised)
-    host = next(({k: r[k] for k in ("device", "torch", "transformers")} for r in rows if r.get("device")),
-                {"device": args.device, "torch": torch.__version__})
-    rows = [{**dict.fromkeys(FIELDS), **host, **r, "command": command} for r in rows]
-    add_ratios(rows)
+        rows = finish(raw, args, command)
+        (out / "hf_suite.json").write_text(json.dumps(rows, indent=1))  # after each: an outer timeout keeps these
     print_table(rows)
-    (out / "hf_suite.json").write_text(json.dumps(rows, indent=1))
+
+
+def finish(raw: list[dict], args, command: str) -> list[dict]:
+    """Rows with every field, the command line and the ratios to compile."""
+    # rows of a killed process: the host as its siblings saw it (the parent leaves CUDA uninitialised)
+    host = next(({k: r[k] for k in ("device", "torch", "transformers")} for r in raw if r.get("device")),
+                {"device": args.device, "torch": torch.__version__})
+    rows = [{**dict.fromkeys(FIELDS), **host, **r, "command": command} for r in raw]
+    add_ratios(rows)
+    return rows
 
 
 def main():
