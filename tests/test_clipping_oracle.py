@@ -48,8 +48,23 @@ MODELS = {
 }
 
 
+# What each model checks, for the README's supported-layers table (docs/layer_table.py).
+COVERS = {
+    "mlp": ("nn.Linear",),
+    "cnn": ("nn.Conv2d (grouped, strided)", "nn.GroupNorm", "F.max_pool2d", "F.pad"),
+    "conv1d_scale": ("nn.Conv1d", "elementwise scale parameter"),
+    "gpt_untied": ("nn.Embedding", "nn.LayerNorm", "F.scaled_dot_product_attention"),
+    "gpt_tied": ("tied input/output embedding (phantom clipping)",),
+}
+GPT = COVERS["gpt_untied"] + ("nn.Linear",)
+
+
+def covered(*names):
+    return [pytest.param(n, marks=pytest.mark.covers(*COVERS[n])) for n in names]
+
+
 @pytest.mark.parametrize("strategy", ["auto", "ghost", "instantiate"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", covered(*MODELS))
 def test_clipped_sum_matches_oracle(name, strategy):
     seed = fresh_seed()
     torch.manual_seed(seed)
@@ -64,7 +79,7 @@ def test_clipped_sum_matches_oracle(name, strategy):
     assert torch.allclose(state.last_sample_norms.double().cpu(), norms, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mlp", "gpt_tied"])
+@pytest.mark.parametrize("name", covered("mlp", "gpt_tied"))
 def test_partial_clipping_matches_oracle(name):
     """A bound between the smallest and largest norm: some samples clipped, some not."""
     seed = fresh_seed()
@@ -78,6 +93,7 @@ def test_partial_clipping_matches_oracle(name):
     assert_close(got, want, seed)
 
 
+@pytest.mark.covers(*GPT, options={"clipping": "automatic"})
 def test_automatic_clipping_matches_oracle():
     seed = fresh_seed()
     torch.manual_seed(seed)
@@ -88,6 +104,7 @@ def test_automatic_clipping_matches_oracle():
     assert_close(got, want, seed)
 
 
+@pytest.mark.covers("nn.Linear", options={"reduction": "sum"})
 def test_sum_reduction_matches_oracle():
     seed = fresh_seed()
     torch.manual_seed(seed)
@@ -100,6 +117,7 @@ def test_sum_reduction_matches_oracle():
     assert_close({k: p.grad.double() * 7 for k, p in model.named_parameters()}, want, seed)
 
 
+@pytest.mark.covers("nn.Linear on (B, H, T, d) inputs")
 def test_linear_with_several_leading_dims():
     """nn.Linear applied to (B, H, T, d) inputs: the samples are the outer of three flattened dims."""
     seed = fresh_seed()
@@ -162,6 +180,7 @@ def test_a_compiled_training_function_with_a_graph_break_clips_once_with_the_glo
     assert all(getattr(p, "_dpcompile_state") is state for p in model.parameters()) and state.steps == 1
 
 
+@pytest.mark.covers(*GPT, options={"dtype": "bf16 autocast"})
 def test_bf16_autocast_matches_oracle_to_bf16_precision():
     """Under autocast the weight-gradient sites run in bf16 and are cast to the fp32 parameters."""
     seed = fresh_seed()

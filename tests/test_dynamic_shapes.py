@@ -115,6 +115,7 @@ def python_graphs():
 
 # ------------------------------------------------------------------ plain API
 
+@pytest.mark.covers("variable sequence length (symbolic T, T = 5..64)")
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate", "auto"])
 def test_dynamic_lengths_match_the_oracle_with_few_compiles(strategy, python_graphs):
     torch.manual_seed(0)

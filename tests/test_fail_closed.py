@@ -212,6 +212,7 @@ class TimeMajor(nn.Module):
         return self.head(torch.tanh(self.proj(x)).mean(0))  # (B, 3)
 
 
+@pytest.mark.covers("time-major (T, B, d) inputs", options={"sample_dim": 1})
 def test_time_major_inputs_clip_per_sample_with_the_sample_dim_option():
     torch.manual_seed(0)
     net = TimeMajor()

@@ -206,8 +206,17 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+COVERS = {  # for the README's supported-layers table (docs/layer_table.py)
+    Convolutions: ("nn.Conv1d (same, reflect, dilated, grouped)", "nn.Conv2d (replicate, strided)",
+                   "nn.Conv3d (valid)", "nn.ConvTranspose1d", "nn.ConvTranspose2d", "nn.ConvTranspose3d"),
+    Mixed: ("nn.Bilinear", "nn.Embedding (scale_grad_by_freq, padding_idx)", "advanced indexing of a feature dim"),
+    Bags: ("nn.EmbeddingBag (sum with per_sample_weights, mean, max, padding_idx, 2-D input)",),
+}
+
+
 @pytest.mark.parametrize("strategy,clipping,reduction", CONFIGS)
-@pytest.mark.parametrize("cls", [Convolutions, Mixed, Bags], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [pytest.param(c, marks=pytest.mark.covers(*COVERS[c]), id=c.__name__)
+                                 for c in (Convolutions, Mixed, Bags)])
 def test_layers_clip_like_the_oracle(cls, strategy, clipping, reduction):
     torch.manual_seed(0)
     model = cls()
@@ -218,6 +227,7 @@ def test_layers_clip_like_the_oracle(cls, strategy, clipping, reduction):
 
 @pytest.mark.parametrize("mode,weights,config", [("sum", True, CONFIGS[0]), ("max", False, CONFIGS[1]),
                                                 ("mean", False, ("ghost", "automatic", "sum"))])
+@pytest.mark.covers("nn.EmbeddingBag (offsets form)")
 def test_embedding_bag_offsets_form_clips_like_the_oracle(mode, weights, config):
     torch.manual_seed(1)
     model = OffsetBags(mode)
@@ -324,6 +334,7 @@ def test_offsets_used_outside_the_embedding_bag_are_refused():
     assert "offsets form" in text and "offsets.unsqueeze(1)" in text  # the op's source line
 
 
+@pytest.mark.covers("nn.EmbeddingBag (scale_grad_by_freq)", status="refused")
 def test_embedding_bag_scale_grad_by_freq_is_refused():
     class Net(nn.Module):
         def __init__(self):

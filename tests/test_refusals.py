@@ -25,6 +25,7 @@ def refusal(model, x, **options) -> str:
     return text
 
 
+@pytest.mark.covers("nn.BatchNorm (training; dpcompile.fix: GroupNorm)", status="refused")
 def test_batchnorm_in_training_is_refused_with_the_fix():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
     text = refusal(model, torch.randn(4, 3, 4, 4))

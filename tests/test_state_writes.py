@@ -249,6 +249,7 @@ def test_adding_a_static_batch_size_is_refused():
     refused(Tracked(_count), torch.randn(3, 4), "avg", dynamic=False)
 
 
+@pytest.mark.covers("nn.Embedding (max_norm)", status="refused")
 def test_embedding_max_norm_is_refused_with_its_hint():
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Flatten(), nn.Linear(20, 2))
     with torch.no_grad():
