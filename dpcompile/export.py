@@ -358,6 +358,8 @@ def convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation,
                          groups, output_mask):
     """aten.convolution_backward of a plain 1-D/2-D convolution in exportable ops: the input
     gradient is the transposed convolution of `grad`, the weight gradient Σ grad ⊗ unfold(x)."""
+    spatial = x.dim() - 2  # aten may give one value for every spatial dim (padding="valid" is [0])
+    stride, padding, dilation = ([v[0]] * spatial if len(v) == 1 else list(v) for v in (stride, padding, dilation))
     one_d = x.dim() == 3
     if one_d:
         grad, x, weight = grad.unsqueeze(2), x.unsqueeze(2), weight.unsqueeze(2)

@@ -79,6 +79,27 @@ def test_cnn_step_matches_the_oracle_and_flags_failed_checks():
     assert not bool(exported.run(nan_input, session)["dp_checks_ok"])
 
 
+class ValidConvs(nn.Module):
+    """padding="valid" reaches aten as a single 0 for every spatial dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.c2, self.c1, self.head = nn.Conv2d(3, 4, 3, padding="valid"), nn.Conv1d(3, 4, 3, padding="valid"), \
+            nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.c2(x).mean((2, 3)), self.c1(x.mean(2)).mean(2)], 1))
+
+
+def test_valid_padded_convolutions_export_like_the_oracle():
+    torch.manual_seed(2)
+    model, x, y = ValidConvs(), torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    exported = export_onnx(model, x, target=y, options={"max_grad_norm": 0.5, "noise_multiplier": 1.0,
+                                                         "insecure_seed": 5}, optimize=False)
+    feeds = exported.example_feeds
+    assert_matches_oracle(model, x, y, exported, exported.run(feeds, exported.session()), 0.5, 1.0, feeds)
+
+
 class Special(nn.Module):
     def __init__(self):
         super().__init__()
