@@ -31,40 +31,24 @@ def privacy_spent(model, delta: float) -> float:
     return privacy_state(model).epsilon(delta)
 
 
-def make_private(*args, **kwargs):
-    from .engine import make_private as _make_private
-
-    return _make_private(*args, **kwargs)
-
-
-def inspect_model(*args, **kwargs):
-    """Compile a copy of a model with backend 'dp', run one private step and return a Report
-    (pipeline, graphs before/after each pass, per-parameter plan, diff, privacy summary)."""
-    from .inspection import inspect_model as _inspect_model
-
-    return _inspect_model(*args, **kwargs)
+# The user API that needs the compiler stack is imported on first use (PEP 562), so `import
+# dpcompile` stays light while help(dpcompile.make_private) shows the real signature and docs.
+_LAZY = {"make_private": "engine", "inspect_model": "inspection", "export_onnx": "export",
+         "check": "validate", "fix": "validate"}
 
 
-def export_onnx(*args, **kwargs):
-    """Export the private training step (forward, loss, clipped and noised backward) to ONNX."""
-    from .export import export_onnx as _export_onnx
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-    return _export_onnx(*args, **kwargs)
-
-
-def check(model, *example_inputs, **kwargs):
-    """Every module the dp backend would refuse, with reason and fix (and, given example inputs, what a
-    private trial step of a copy refuses); see `dpcompile.validate.check`."""
-    from .validate import check as _check
-
-    return _check(model, *example_inputs, **kwargs)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dpcompile' has no attribute {name!r}")
 
 
-def fix(model):
-    """Replace, in place, the modules that have a private drop-in equivalent (BatchNorm -> GroupNorm, ...)."""
-    from .validate import fix as _fix
-
-    return _fix(model)
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 if _os.environ.get("DPCOMPILE_LOGS"):  # TORCH_LOGS-style: DPCOMPILE_LOGS=passes,diff,table,graphs
