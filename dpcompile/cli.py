@@ -36,14 +36,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except DPCompileError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # one line for the user; the traceback with --verbose
+        if args.verbose:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        kind = "" if isinstance(err, DPCompileError) else f"{type(err).__name__}: "
+        print(f"error: {kind}{first} (run with --verbose for the traceback)", file=sys.stderr)
         return 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpcompile", description="Inspect and export differentially private "
                                      "training steps compiled by the dpcompile torch.compile backend.")
+    parser.add_argument("--verbose", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     pipe = sub.add_parser("pipeline", help="list the DP passes in the order they run")
     pipe.set_defaults(run=_pipeline)

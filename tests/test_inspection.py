@@ -206,3 +206,17 @@ def test_cli_reports_bad_arguments(capsys):
     assert cli.main(["inspect", "models:MLP", "--input-shape", "4,10:int64"]) == 2
     assert "integer inputs need an upper bound" in capsys.readouterr().err
     assert dpcompile.inspect_model is not None and dpcompile.export_onnx is not None
+
+
+def test_cli_errors_are_one_line_and_exit_2_unless_verbose(tmp_path, capsys):
+    """A model the backend refuses (BatchNorm) or a file that does not load: one `error:` line."""
+    model_file = tmp_path / "bn.py"
+    model_file.write_text("import torch.nn as nn\nmodel = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8))\n")
+    assert cli.main(["inspect", f"{model_file}:model", "--input-shape", "4,10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: dpcompile") and "BatchNorm" in err[0], err
+    assert cli.main(["inspect", str(tmp_path / "missing.py") + ":model", "--input-shape", "4,10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    with pytest.raises(Exception):
+        cli.main(["--verbose", "inspect", str(tmp_path / "missing.py") + ":model", "--input-shape", "4,10"])
