@@ -24,3 +24,18 @@ def test_import_dpcompile_does_not_load_the_compiler_stack():
     code = "import sys, dpcompile; print('dpcompile.engine' in sys.modules, 'dpcompile.export' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_each_dp_backward_compile_is_logged_with_its_plan_and_time(caplog):
+    import logging
+
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = torch.compile(net, backend="dp", options={"noise_multiplier": 0.0})
+    with caplog.at_level(logging.INFO, logger="dpcompile"):
+        F.cross_entropy(model(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
+    lines = [r.getMessage() for r in caplog.records if r.name == "dpcompile" and "dp backward" in r.getMessage()]
+    assert len(lines) == 1 and "4 parameters" in lines[0] and " s:" in lines[0], lines

@@ -11,9 +11,12 @@ graph is rewritten by the DP pipeline, then decomposed and compiled by Inductor.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import logging
 import re
+import time
 import weakref
 from typing import Any, Sequence
 
@@ -38,6 +41,7 @@ from .module import install as install_compile_hook
 from ..runtime import OwnParametersOnly, PrivateBackward, states_of_this_call
 
 aten = torch.ops.aten
+log = logging.getLogger("dpcompile")
 KEPT_BACKWARD_OPS = (aten.embedding_dense_backward, aten.native_layer_norm_backward,
                      aten.native_group_norm_backward, aten.convolution_backward,
                      aten.nll_loss_backward, aten.nll_loss2d_backward)
@@ -244,6 +248,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: Co
         ctx.tangent_layouts = _tangent_layouts(gm)
         _keep_graph(ctx, "forward", gm)
         return OwnParametersOnly(_compile_graph(gm, example_inputs, kwargs), ctx, state)
+    started = time.perf_counter()
     run_pipeline(BACKWARD_PIPELINE, gm, ctx)
     input_names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     decomposed, inputs = _decompose(gm, example_inputs, ctx)
@@ -252,7 +257,20 @@ def _inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], *, ctx: Co
     on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     with torch._inductor.config.patch(_backward_patches(state.options, on_gpu)):
         compiled = _compile_graph(decomposed, inputs, kwargs)
+    _log_backward(ctx, time.perf_counter() - started)
     return PrivateBackward(compiled, state, ctx)
+
+
+def _log_backward(ctx: CompileContext, seconds: float) -> None:
+    """One INFO line per compiled dp backward (logging.getLogger("dpcompile")): what a long
+    first step is spending its time on."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    strategies = collections.Counter(row["strategy"] for r in ctx.records if r.name == "book_keeping"
+                                     for row in (r.table or ()))
+    plan = ", ".join(f"{n} {k}" for k, n in sorted(strategies.items())) or "no parameter here"
+    log.info("dp backward of graph %d compiled in %.1f s: %d parameters (%s), batch %s", ctx.graph_id, seconds,
+             len(ctx.params), plan, ctx.batch_size)
 
 
 # Inductor unrolls reductions over fewer than `unroll_reductions_threshold` (8) elements into
