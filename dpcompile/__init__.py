@@ -15,7 +15,7 @@ from .options import DPOptions
 
 __version__ = "0.1.0"
 __all__ = ["DPCompileError", "DPOptions", "privacy_spent", "privacy_state", "make_private", "inspect_model",
-           "export_onnx", "check", "fix"]
+           "export_onnx", "check", "fix", "audit"]
 
 
 def privacy_state(model):
@@ -34,7 +34,7 @@ def privacy_spent(model, delta: float) -> float:
 # The user API that needs the compiler stack is imported on first use (PEP 562), so `import
 # dpcompile` stays light while help(dpcompile.make_private) shows the real signature and docs.
 _LAZY = {"make_private": "engine", "inspect_model": "inspection", "export_onnx": "export",
-         "check": "validate", "fix": "validate"}
+         "check": "validate", "fix": "validate", "audit": "audit"}
 
 
 def __getattr__(name: str):

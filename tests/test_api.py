@@ -11,7 +11,7 @@ import dpcompile
 
 def test_public_functions_have_their_real_signatures_and_docs():
     for name, first in [("make_private", "module"), ("inspect_model", "model"), ("export_onnx", "model"),
-                        ("check", "model"), ("fix", "model")]:
+                        ("check", "model"), ("fix", "model"), ("audit", "model")]:
         fn = getattr(dpcompile, name)
         params = list(inspect.signature(fn).parameters)
         assert params[0] == first and "args" not in params, (name, params)
