@@ -502,19 +502,29 @@ def _mm(node: fx.Node) -> Any:
         else:
             raise _mix(node, "multiplies two per-sample matrices along different dimensions")
     elif isinstance(la, Batched):
-        if la.dim != 0:
-            raise _mix(node, "contracts a per-sample dimension with shared weights")
-        out = la
+        out = la if la.dim == 0 else _free_rows_site(node, la, lb, 1)
     elif isinstance(lb, Batched):
-        if lb.dim != 1:
-            raise _mix(node, "contracts a per-sample dimension with shared weights")
-        out = lb
+        out = lb if lb.dim == 1 else _free_rows_site(node, lb, la, 0)
     else:
         out = AGG if AGG in (la, lb) else FREE
     if isinstance(bias_lay, Batched) or (bias_lay is AGG and isinstance(out, Batched)):
         if bias_lay != out:
             raise _mix(node, "adds a bias laid out differently from the product")
     return out
+
+
+FREE_ROWS = "dp_free_rows"  # node.meta key: {operand index: the sample rows a FREE operand is split by}
+
+
+def _free_rows_site(node: fx.Node, lay: Batched, other_lay: Any, other: int) -> Any:
+    """mm contracting the sample rows of one operand with the rows of a FREE one (a zero initial
+    hidden state, a constant): Σ_n g_n ⊗ c_n = Σ_b Σ_{n of b} g_n ⊗ c_n, a per-sample sum (a
+    parameter-gradient site). The contracted dim has the same size in both operands, so the
+    FREE operand's rows line up with the samples' rows; its row n is shared, not a sample's."""
+    if lay.dim != other or other_lay is not FREE:  # a's dim 1 or b's dim 0: the contracted one
+        raise _mix(node, "contracts a per-sample dimension with shared weights")
+    node.meta[FREE_ROWS] = {other: lay.at(1 - other)}
+    return AGG
 
 
 def trilinear_dims(node: fx.Node) -> list[list[int | None]]:

@@ -26,7 +26,7 @@ from .. import cost_model, per_sample
 from ..errors import DPCompileError, describe_node
 from . import symbolic
 from .base import CompileContext, node_shape, pad_amounts, run_recorded
-from .batch_dim import (BAG_MODES, Batched, Ragged, _kwargs, bag_structure, batched_args, layout_of,
+from .batch_dim import (BAG_MODES, FREE_ROWS, Batched, Ragged, _kwargs, bag_structure, batched_args, layout_of,
                         trilinear_dims)
 from .param_grads import ParamGrad, Site
 
@@ -242,7 +242,7 @@ def _costs(g: ParamGrad, batch_size: sympy.Expr) -> dict[str, cost_model.Cost]:
         return cost_model.phantom(rows_in, la.outer * la.inner, int(node_shape(grad)[-1]), int(emb.node.args[2]))
     if g.norm_preserving and site.kind == "linear":
         a, b = site.node.args
-        la = a.meta["dp_layout"]
+        la = _operand_layout(site.node, 0)
         n, m = int(node_shape(a)[0]), int(node_shape(b)[1])
         costs = cost_model.linear(la.outer * la.inner, n, m, site.node.meta["val"].dtype.itemsize)
         if g.lsg is not None:
@@ -325,11 +325,22 @@ def _layout(node: fx.Node) -> tuple:
     return symbolic.graph_layout(node.graph, node.meta["dp_layout"].as_tuple())
 
 
+def _operand_layout(mm: fx.Node, index: int) -> Batched:
+    """The sample rows of operand `index` of a linear site: its own layout, or, for a FREE
+    operand (a zero initial state), the rows batch_dim matched to the other operand's samples."""
+    lay = mm.args[index].meta["dp_layout"]
+    return lay if isinstance(lay, Batched) else mm.meta[FREE_ROWS][index]
+
+
+def _mm_layouts(mm: fx.Node) -> tuple[tuple, tuple]:
+    return tuple(symbolic.graph_layout(mm.graph, _operand_layout(mm, i).as_tuple()) for i in (0, 1))
+
+
 def _ghost(graph: fx.Graph, g: ParamGrad):
     site = g.sites[0]
     if site.kind == "linear":
         a, b = site.node.args
-        sq = graph.call_function(per_sample.ghost_sq_norm_linear, (a, b, _layout(a), _layout(b)))
+        sq = graph.call_function(per_sample.ghost_sq_norm_linear, (a, b, *_mm_layouts(site.node)))
     elif site.kind == "bilinear":
         p, positions, layout = _trilinear_rows(site.node)
         sq = graph.call_function(per_sample.ghost_sq_norm_trilinear, (*site.node.args[:3], positions, p, layout))
@@ -354,7 +365,7 @@ def _phantom(graph: fx.Graph, g: ParamGrad):
     grad, indices, _, padding_idx, _ = emb.node.args
     a, b = lin.node.args
     sq = graph.call_function(per_sample.phantom_sq_norm, (
-        grad, indices, _layout(grad), _index_layout(emb), padding_idx, a, b, _layout(a), _layout(b),
+        grad, indices, _layout(grad), _index_layout(emb), padding_idx, a, b, *_mm_layouts(lin.node),
         g.phantom.transposed))
 
     def finish(weights: fx.Node) -> fx.Node:
@@ -368,7 +379,7 @@ def _lsg(graph: fx.Graph, g: ParamGrad, expanders: dict):
     site, plan = g.sites[0], g.lsg
     a, b = site.node.args
     reduced = graph.call_function(per_sample.lsg_reduced,
-                                  (a, b, _layout(a), _layout(b), plan.left, plan.right, plan.index))
+                                  (a, b, *_mm_layouts(site.node), plan.left, plan.right, plan.index))
     sq = graph.call_function(per_sample.sq_norm, (reduced,))
     dtype = site.node.meta["val"].dtype
 
@@ -457,7 +468,7 @@ def _instantiate_site(graph: fx.Graph, site: Site) -> fx.Node:
     node, call = site.node, graph.call_function
     args = node.args
     if site.kind == "linear":
-        return call(per_sample.instantiate_linear, (*args, _layout(args[0]), _layout(args[1])))
+        return call(per_sample.instantiate_linear, (*args, *_mm_layouts(node)))
     if site.kind == "sum":
         dims = args[1] if len(args) > 1 else None
         return call(per_sample.instantiate_sum, (args[0], _layout(args[0]), dims, _shape_args(node)))
