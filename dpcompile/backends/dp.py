@@ -28,7 +28,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .. import kernels
+from .. import kernels, recurrent
 from ..distributed import check_compile
 from ..errors import DPCompileError
 from ..options import DPOptions
@@ -75,6 +75,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], state: PrivacySt
     ctx = CompileContext(options=state.options, graph_id=next(_graph_ids),
                          param_names={}, input_kinds=[], deferred=state.multi_graph)
     _classify_inputs(gm, example_inputs, ctx)
+    recurrent.rewrite_calls(gm)
     ctx.length_plans = sum(1 for c in state.compiled if c.noise_key == ctx.noise_key and c.plan.get("size_guards"))
     if HOOKS.keep_graphs:  # export maps the graph inputs back to parameters and user inputs
         ctx.graphs["example_inputs"] = list(example_inputs)

@@ -153,7 +153,9 @@ def _call_privately(call: Any, state: PrivacyState | None, args: tuple, kwargs: 
     from ..runtime import states_used
 
     try:
-        with states_used() as used:
+        # allow_rnn: Dynamo traces nn.RNN/GRU/LSTM (dpcompile.recurrent rewrites them) instead of
+        # running them eagerly, where their gradients would be refused; only for dp compiles.
+        with states_used() as used, torch._dynamo.config.patch(allow_rnn=True):
             out = call(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         inner = unwrap_refusal(e)

@@ -1,0 +1,124 @@
+"""Recurrent layers (issue 22): stock nn.RNN / nn.GRU / nn.LSTM and a user-written cell RNN with a
+zero initial state clip exactly like a float64 per-sample oracle (a loop over samples of a deep
+copy). The rewritten graphs run as Python (HOOKS.skip_inductor), which keeps the file fast."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dpcompile
+from dpcompile.inspection import capture_graphs
+
+B, T, D_IN, HIDDEN, CLASSES = 6, 4, 3, 5, 3
+
+
+class Stock(nn.Module):
+    """A recurrent layer, then a linear head on the last step's output."""
+
+    def __init__(self, cls, num_layers, bidirectional, batch_first, **kw):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = cls(D_IN, HIDDEN, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, **kw)
+        self.head = nn.Linear(HIDDEN * (2 if bidirectional else 1), CLASSES)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1] if self.batch_first else y[-1])
+
+
+class CellRNN(nn.Module):
+    """A hand-written Elman RNN whose initial state is a zero tensor (sample-independent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rec, self.head = nn.Linear(D_IN, HIDDEN), nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], HIDDEN)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+        return self.head(h)
+
+
+def oracle(model, x, y, sample_dim):
+    """(Σ_b C_b g_b in float64 with R the median per-sample norm, the norms, R)."""
+    model64 = copy.deepcopy(model).double()
+    params = [(k, p) for k, p in model64.named_parameters()]
+    grads = []
+    for b in range(y.shape[0]):
+        xb = x.double().narrow(sample_dim, b, 1)
+        grads.append(torch.autograd.grad(F.cross_entropy(model64(xb), y[b:b + 1]), [p for _, p in params]))
+    norms = torch.stack([torch.cat([g.flatten() for g in gs]).norm() for gs in grads])
+    R = float(norms.median())
+    factors = (R / (norms + 1e-6)).clamp(max=1.0)
+    return {k: sum(f * gs[i] for f, gs in zip(factors, grads)) for i, (k, _) in enumerate(params)}, norms, R
+
+
+def assert_clips_exactly(model, x, y, strategy, sample_dim=0):
+    want, norms, R = oracle(model, x, y, sample_dim)
+    assert (norms > R).any() and (norms < R).any()  # the median bound: some samples clipped, some not
+    options = {"noise_multiplier": 0.0, "max_grad_norm": R, "strategy": strategy, "sample_dim": sample_dim}
+    compiled = torch.compile(model, backend="dp", options=options)
+    with capture_graphs(snapshots=False, skip_inductor=True):
+        F.cross_entropy(compiled(x), y).backward()
+    for name, ref in want.items():
+        got = model.get_parameter(name).grad
+        assert got is not None, name
+        got = got.double() * y.shape[0]
+        err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        assert err < 1e-4, (name, err)
+
+
+CONFIGS = [  # (num_layers, bidirectional, batch_first): each option both ways
+    (1, False, True), (2, True, False), (2, False, True), (1, True, False),
+]
+STRATEGIES = ["ghost", "instantiate"]
+# Half of the grid: each layer kind runs every config, and every strategy, at least twice.
+CASES = [(kind, *config, STRATEGIES[(i + j) % 2]) for j, kind in enumerate(["rnn_tanh", "rnn_relu", "gru", "lstm"])
+         for i, config in enumerate(CONFIGS)]
+LAYERS = {"rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}), "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
+          "gru": (nn.GRU, {}), "lstm": (nn.LSTM, {})}
+
+
+@pytest.mark.parametrize("kind,layers,bidirectional,batch_first,strategy", CASES)
+def test_stock_recurrent_layers_clip_exactly(kind, layers, bidirectional, batch_first, strategy):
+    torch.manual_seed(0)
+    cls, kw = LAYERS[kind]
+    model = Stock(cls, layers, bidirectional, batch_first, **kw)
+    x = torch.randn(B, T, D_IN) if batch_first else torch.randn(T, B, D_IN)
+    y = torch.randint(0, CLASSES, (B,))
+    assert_clips_exactly(model, x, y, strategy, sample_dim=0 if batch_first else 1)
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+def test_cell_rnn_with_zero_initial_state(strategy):
+    torch.manual_seed(1)
+    assert_clips_exactly(CellRNN(), torch.randn(B, T, D_IN), torch.randint(0, CLASSES, (B,)), strategy)
+
+
+def test_allow_rnn_is_only_on_inside_dp_calls():
+    assert not torch._dynamo.config.allow_rnn
+
+
+class Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(D_IN, HIDDEN, batch_first=True), nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x, lengths):
+        _, h = self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return self.head(h[-1])
+
+
+def test_packed_sequences_are_refused():
+    """Dynamo breaks the graph at pack_padded_sequence and the layer runs eagerly: refused (a
+    recurrent call on packed data inside a dp graph is refused by dpcompile.recurrent)."""
+    compiled = torch.compile(Packed(), backend="dp", options={"noise_multiplier": 0.0})
+    with pytest.raises(dpcompile.DPCompileError), capture_graphs(snapshots=False, skip_inductor=True):
+        F.cross_entropy(compiled(torch.randn(B, T, D_IN), torch.tensor([4, 3, 2, 4, 1, 2])),
+                        torch.zeros(B, dtype=torch.long)).backward()
+
