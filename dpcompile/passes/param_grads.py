@@ -227,11 +227,38 @@ def _check_linear(node: fx.Node, name: str) -> None:
         ok = ok and dependent == tensor_args[:1]
     elif node.target is aten.embedding_dense_backward.default:
         ok = ok and dependent == [node.args[0]]
+    elif node.target is aten.where.self:
+        ok = _masked_select(node)
     if not ok:
         raise DPCompileError(
             f"dpcompile: gradient of parameter `{name}` goes through {describe_node(node)} after being summed "
             "over samples, and that op is not linear, so it cannot be split per sample."
         )
+
+
+def _masked_select(node: fx.Node) -> bool:
+    """where(mask, g, 0) with a sample-free mask is linear in g (the backward of where(mask, x, c):
+    the constant branch gets no gradient). A per-sample mask or a nonzero branch is not."""
+    cond, *branches = node.args
+    if not isinstance(cond, fx.Node) or cond.meta.get("dp_layout") is not FREE:
+        return False
+    dependent = [b for b in branches if isinstance(b, fx.Node) and b.meta.get("dp_layout") is AGG]
+    return len(dependent) == 1 and all(b is dependent[0] or _is_zero(b) for b in branches)
+
+
+def _is_zero(x) -> bool:
+    """A constant zero: a number, or a zero-filled tensor made in the graph."""
+    if isinstance(x, (int, float, bool)):
+        return x == 0
+    if not isinstance(x, fx.Node):
+        return False
+    if x.target in (aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default):
+        return True
+    if x.target in (aten.full.default, aten.full_like.default):
+        return len(x.args) > 1 and _is_zero(x.args[1])
+    if x.target is aten.scalar_tensor.default:
+        return _is_zero(x.args[0])
+    return False
 
 
 def count_transposes(start: fx.Node, stop: fx.Node) -> int | None:
