@@ -158,3 +158,28 @@ def test_real_minilm_takes_a_private_step_through_automodel():
         assert torch.isfinite(p).all()
         assert torch.equal(p, before[name]) != p.requires_grad, name  # trained moved, frozen stayed
     assert dpcompile.privacy_state(model).steps == 1
+
+
+@pytest.mark.parametrize("case", ["zero", "nonzero", "per_sample_mask", "both_branches"])
+def test_where_after_the_gradient_sum_is_accepted_only_as_a_masked_select(case):
+    """where(mask, g, 0) on a summed gradient g is linear; a nonzero branch (affine), a
+    per-sample mask or a second gradient branch are refused, naming the op."""
+    from dpcompile.errors import DPCompileError
+    from dpcompile.passes.batch_dim import AGG, FREE, Batched
+    from dpcompile.passes.param_grads import _check_linear
+
+    graph = torch.fx.Graph()
+    aten = torch.ops.aten
+    mask, g = graph.placeholder("mask"), graph.placeholder("g")
+    mask.meta["dp_layout"] = Batched(0) if case == "per_sample_mask" else FREE
+    g.meta["dp_layout"] = AGG
+    other = graph.call_function(aten.full.default, ([], 0.0 if case != "nonzero" else 1.0))
+    other.meta["dp_layout"] = FREE
+    where = graph.call_function(aten.where.self, (mask, g, g if case == "both_branches" else other))
+    for n in (mask, g, other):
+        n.meta["val"] = torch.zeros(())
+    if case == "zero":
+        _check_linear(where, "w")
+    else:
+        with pytest.raises(DPCompileError, match="where.self"):
+            _check_linear(where, "w")
