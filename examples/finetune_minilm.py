@@ -11,8 +11,9 @@ Split: by movie (20 % of the movies are test), so no movie has reviews on both s
 Classifier: mean pooling of the last hidden states over the real tokens, then Linear(384, 2).
 Trained: the top `--train-layers` transformer layers and the head (default: the last of 6
 layers + head, 1.77M parameters); the frozen bottom (requires_grad=False) runs inside the same
-stock model each step and gets no gradient, so it costs no privacy. `--train-layers 6` fine-tunes all layers (embeddings stay frozen). Reviews are cut to
-48 tokens (99 % have at most 55). The privacy unit is one review; the loss is a mean of
+stock model each step and gets no gradient, so it costs no privacy. `--train-layers 6`
+fine-tunes all layers (embeddings stay frozen). Reviews are cut to 48 tokens (99 % have at
+most 55). The privacy unit is one review; the loss is a mean of
 per-review losses.
 Private runs: dpcompile.make_private at ε = 3 and ε = 8 (δ = 1e-5 < 1/N, PLD accountant,
 Poisson sampling), the same model trained without privacy next to them.
