@@ -84,7 +84,13 @@ LAYERS = {"rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}), "rnn_relu": (nn.RNN, {
           "gru": (nn.GRU, {}), "lstm": (nn.LSTM, {})}
 
 
-@pytest.mark.parametrize("kind,layers,bidirectional,batch_first,strategy", CASES)
+SHAPES = "1-2 layers, bidirectional, batch-first and time-major"
+COVERS = {"rnn_tanh": f"nn.RNN tanh ({SHAPES})", "rnn_relu": f"nn.RNN relu ({SHAPES})",
+          "gru": f"nn.GRU ({SHAPES})", "lstm": f"nn.LSTM ({SHAPES})"}  # for docs/layer_table.py
+
+
+@pytest.mark.parametrize("kind,layers,bidirectional,batch_first,strategy",
+                         [pytest.param(*case, marks=pytest.mark.covers(COVERS[case[0]])) for case in CASES])
 def test_stock_recurrent_layers_clip_exactly(kind, layers, bidirectional, batch_first, strategy):
     torch.manual_seed(0)
     cls, kw = LAYERS[kind]
@@ -94,6 +100,7 @@ def test_stock_recurrent_layers_clip_exactly(kind, layers, bidirectional, batch_
     assert_clips_exactly(model, x, y, strategy, sample_dim=0 if batch_first else 1)
 
 
+@pytest.mark.covers("user-written cell RNN with a zero initial state")
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
 def test_cell_rnn_with_zero_initial_state(strategy):
     torch.manual_seed(1)
@@ -114,6 +121,7 @@ class Packed(nn.Module):
         return self.head(h[-1])
 
 
+@pytest.mark.covers("packed sequences (nn.utils.rnn.pack_padded_sequence)", status="refused")
 def test_packed_sequences_are_refused():
     """Dynamo breaks the graph at pack_padded_sequence and the layer runs eagerly: refused (a
     recurrent call on packed data inside a dp graph is refused by dpcompile.recurrent)."""
