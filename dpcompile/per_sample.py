@@ -373,7 +373,7 @@ def lsg_reconstruct(coords: torch.Tensor, index: torch.Tensor, left: torch.Tenso
 def token_count_message(where: str) -> str:
     """Device-side assert messages must stay under 255 characters (CUDA)."""
     tail = (": token-mean loss over the whole batch, but samples have unequal non-ignored token counts; "
-            "no gradient released. Average each sequence's loss first, then over sequences (docs/transformers.md).")
+            "no gradient released. Average each sequence's loss first, then over sequences.")
     return "dpcompile: " + where[: 250 - len("dpcompile: ") - len(tail)] + tail
 
 
