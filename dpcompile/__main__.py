@@ -1,6 +1,6 @@
-"""`python -m dpcompile ...`: the dpcompile command line (dpcompile/cli.py)."""
+"""`python -m dpcompile ...`: the dpcompile command line (dpcompile/tools/cli.py)."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@
 
 With ``noise_mechanism="bsr", bands=p`` it sets up BSR correlated noise instead: fixed-order
 cyclic batches (b = ⌈N / batch_size⌉ per epoch), σ calibrated by the matrix-factorization
-accounting of `dpcompile.bsr` (no amplification by sampling).
+accounting of `dpcompile.privacy.bsr` (no amplification by sampling).
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from .accounting import calibrate_noise_multiplier
-from .backends.dp import register_state
-from .data import CyclicBatchSampler, PoissonBatchSampler, PoissonDataLoader
-from .distributed import (check_cyclic_batches, check_in_sync, local_share, make_private_group, setup_make_private,
-                          synchronize_gradients)
+from .privacy.accounting import calibrate_noise_multiplier
+from .compiler.backend import register_state
+from .privacy.sampling import CyclicBatchSampler, PoissonBatchSampler, PoissonDataLoader
+from .distributed import (check_cyclic_batches, check_in_sync, local_share, make_private_group,
+                          setup_make_private, synchronize_gradients)
 from .errors import DPCompileError
-from .state import stream_seed
+from .privacy.rng import stream_seed
 from .options import validate_make_private_args
 
 
@@ -204,7 +204,7 @@ def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     The workload's momentum β and decay λ default to those of a torch.optim.SGD optimizer
     (β = momentum, λ = lr·weight_decay): they only shape the factorization, never the privacy.
     """
-    from . import bsr
+    from .privacy import bsr
 
     validate_make_private_args(max_physical_batch_size=max_physical_batch_size, target_epsilon=target_epsilon,
                                target_delta=target_delta, epochs=epochs, noise_multiplier=noise_multiplier,

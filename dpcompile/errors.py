@@ -39,7 +39,7 @@ def _clean_module_path(path: str) -> str:
     # Dynamo records paths such as "L['self'].encoder.layers[0]" or "L['self']._modules['fc']".
     for junk in ("L['self'].", "L['self']", "L['fn'].", "L['fn']"):
         path = path.replace(junk, "")
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # a model passed as an argument (dpcompile.inspection)
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)  # a model passed as an argument (dpcompile.tools.inspection)
     return path.replace("._modules['", ".").replace("_modules['", "").replace("']", "") or "<root>"
 
 

@@ -7,8 +7,17 @@ import math
 import numbers
 from typing import Any
 
-from .accounting import MIN_ACCOUNTED_NOISE_MULTIPLIER
 from .errors import DPCompileError
+
+# Below this noise multiplier no epsilon is computed: `privacy.accounting._epsilon` returns math.inf. A single
+# Gaussian step of multiplier sigma has privacy loss N(mu, 2 mu) with mu = 1/(2 sigma^2), so
+# at sigma < 1e-6 one step alone gives epsilon > 10^11 whatever delta, and Poisson
+# subsampling at rate q lowers that by at most ln(1/q) <= 745 (the smallest double) -- there
+# is no guarantee left to report, and inf is a valid (vacuous) upper bound. Not asking
+# dp_accounting there matters: its double arithmetic breaks down at tiny sigma (sigma^2
+# underflows near 1e-154: ZeroDivisionError, OverflowError, or, for the RDP of subsampled
+# steps at sigma ~ 1e-155, a silently returned epsilon of 0.0).
+MIN_ACCOUNTED_NOISE_MULTIPLIER = 1e-6
 
 CLIPPING_MODES = ("flat", "automatic")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -107,7 +116,7 @@ class DPOptions:
         combines samples: "mean" (the default of F.cross_entropy) or "sum". Used to recover
         each sample's own gradient before clipping; clipping bounds each contribution either
         way. A loss computed outside the model is analysed and its reduction inferred
-        (`dpcompile.loss_tracking`): `.sum()` and `.mean()` both work whatever this says.
+        (`dpcompile.privacy.loss_tracking`): `.sum()` and `.mean()` both work whatever this says.
     sample_dim: the dimension of the inputs that holds the samples: 0 (batch-first, the
         default) or e.g. 1 for time-major ``(T, B, d)`` inputs. The first tensor argument
         gives the batch size; every other input must hold the same samples along this
@@ -130,7 +139,7 @@ class DPOptions:
         privately (it would turn the whole release into NaN).
     lsg: low-rank + sparse gradients for selected layers (a dict of ``LSGOptions``), or None.
     noise_mechanism: "gaussian" (DP-SGD: independent noise every step, Poisson accounting)
-        or "bsr" (banded-square-root correlated noise, `dpcompile.bsr`: matrix-factorization
+        or "bsr" (banded-square-root correlated noise, `dpcompile.privacy.bsr`: matrix-factorization
         accounting for cyclic / b-min-separated participation, no sample_rate).
     bsr_bands: p, the number of diagonals of the banded square root (noise state: p − 1
         vectors of the gradient's size).
@@ -138,14 +147,14 @@ class DPOptions:
         multiplicative decay 1 − λ per step, e.g. lr·weight_decay of torch SGD); they shape
         the factorization (utility), not the privacy guarantee.
     bsr_coefficients: explicit banded Toeplitz coefficients c_0..c_{p−1} instead of the
-        closed form (e.g. from `dpcompile.bsr.optimize_banded_toeplitz`); non-negative and
+        closed form (e.g. from `dpcompile.privacy.bsr.optimize_banded_toeplitz`); non-negative and
         non-increasing.
     bsr_min_separation: b, the fewest steps between two participations of one example
         (batches per epoch of fixed-order cyclic batches).
     bsr_max_participations: k, a promise that no example takes part in more than k steps
         (default: ⌈steps/b⌉, always true under b-min-separation).
     triton_kernels: on CUDA, compute each instantiated gradient's Σ_b w_b g_b + noise with
-        dpcompile's Triton kernel (`dpcompile.kernels`) instead of an Inductor reduction
+        dpcompile's Triton kernel (`dpcompile.privacy.kernels`) instead of an Inductor reduction
         (False: the reduction; for comparisons).
     mode: a torch.compile mode for Inductor ("reduce-overhead": CUDA graphs, "max-autotune", ...);
         torch.compile refuses mode= together with options=, so the dp backend takes it here.

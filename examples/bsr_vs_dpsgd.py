@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import dpcompile
-from dpcompile import bsr
+from dpcompile.privacy import bsr
 from train_digits import DigitsCNN, accuracy, data
 
 

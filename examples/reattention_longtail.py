@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpcompile
-from dpcompile.accounting import calibrate_noise_multiplier
+from dpcompile.privacy.accounting import calibrate_noise_multiplier
 from dpcompile.nn import ReAttentionBlock, effective_error_variance
 
 PAD, CLS = 0, 1

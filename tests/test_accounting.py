@@ -1,4 +1,4 @@
-"""dpcompile.accounting: checked against an exact closed form, against dp_accounting used
+"""dpcompile.privacy.accounting: checked against an exact closed form, against dp_accounting used
 directly, and against the properties any correct accountant must have."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import optimize, stats
 
-from dpcompile.accounting import (MIN_ACCOUNTED_NOISE_MULTIPLIER, PrivacyAccountant, calibrate_noise_multiplier,
-                                  epsilon)
+from dpcompile.privacy.accounting import (MIN_ACCOUNTED_NOISE_MULTIPLIER, PrivacyAccountant,
+                                          calibrate_noise_multiplier, epsilon)
 
 
 # --- independent oracle: the analytic Gaussian mechanism ------------------------------------

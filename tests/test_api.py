@@ -21,7 +21,7 @@ def test_public_functions_have_their_real_signatures_and_docs():
 
 
 def test_import_dpcompile_does_not_load_the_compiler_stack():
-    code = "import sys, dpcompile; print('dpcompile.engine' in sys.modules, 'dpcompile.export' in sys.modules)"
+    code = "import sys, dpcompile; print('dpcompile.engine' in sys.modules, 'dpcompile.tools.export' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.split()
     assert out == ["False", "False"]
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import dpcompile
-from dpcompile.state import PrivacyState
+from dpcompile.privacy.state import PrivacyState
 
 
 @pytest.fixture

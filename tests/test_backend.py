@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_dp_backend_is_registered_through_the_entry_point():
     names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
-    assert names.get("dp") == "dpcompile.backends.dp:dp_backend"
+    assert names.get("dp") == "dpcompile.compiler.backend:dp_backend"
     assert "dp" in torch._dynamo.list_backends()
 
 
@@ -76,7 +76,7 @@ def test_a_trained_private_model_deep_copies_without_its_privacy_state():
 def _record_compiles(monkeypatch, record=lambda gm, example_inputs: (gm, list(example_inputs))) -> list:
     """What `record(gm, example_inputs)` returns for each graph the dp backend hands to Inductor
     (forward, then backward), in order."""
-    from dpcompile.backends import dp
+    from dpcompile.compiler import dp
 
     seen, compile_graph = [], dp._compile_graph
 
@@ -125,7 +125,7 @@ def test_per_sample_gemms_read_transposed_operands_in_place(monkeypatch):
     (a copy is a full transposed pass over every layer's output gradient). Static and symbolic B.
     Views that need a copy still get one, with the right values."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    from dpcompile.backends import dp
+    from dpcompile.compiler import dp
 
     graphs = _record_compiles(monkeypatch, lambda gm, example_inputs: gm)
     torch._dynamo.reset()
@@ -166,7 +166,7 @@ def test_backward_inductor_settings_unroll_batch_sums_on_gpu_and_narrow_the_fusi
     CPU graphs keep Inductor's threshold (its C++ tiling search is slow on unrolled kernels). The
     backward's fusion search tries fewer pairs per shared buffer (dp.FUSION_PAIR_WINDOW). A value
     the user sets wins; the forward graph keeps Inductor's settings."""
-    from dpcompile.backends.dp import FUSION_PAIR_WINDOW, UNROLL_BATCH_BELOW, _backward_patches
+    from dpcompile.compiler.backend import FUSION_PAIR_WINDOW, UNROLL_BATCH_BELOW, _backward_patches
     from dpcompile.options import DPOptions
 
     config = torch._inductor.config

@@ -17,10 +17,11 @@ from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpcompile
-from dpcompile import DPCompileError, bsr
-from dpcompile.data import CyclicBatchSampler, poisson_loader
+from dpcompile import DPCompileError
+from dpcompile.privacy import bsr
+from dpcompile.privacy.sampling import CyclicBatchSampler, poisson_loader
 from dpcompile.options import DPOptions
-from dpcompile.state import PrivacyState, stream_seed
+from dpcompile.privacy.state import PrivacyState, stream_seed
 from models import MLP, BreakNet, batch_loss, oracle_clipped_sum
 
 WORKLOADS = [(0.0, 0.0), (0.9, 0.0), (0.5, 0.1), (0.3, 0.3)]  # (momentum β, weight decay λ)

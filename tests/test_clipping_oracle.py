@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dpcompile
-from dpcompile.inspection import report_of
+from dpcompile.tools.inspection import report_of
 from models import CNN, MLP, BreakNet, Conv1dNet, TinyGPT, batch_loss, oracle_clipped_sum
 
 TOL = 1e-5
@@ -388,7 +388,7 @@ def test_gemm_gradient_sliced_back_from_zero_padding_keeps_exact_norms(strategy)
                                                  (-4, 0.0, False), (7, 1.0, False)])
 def test_a_slice_counts_as_norm_preserving_only_when_it_drops_zero_padding(keep, pad_value, want):
     from torch.fx.experimental.proxy_tensor import make_fx
-    from dpcompile.passes.param_grads import drops_only_padding
+    from dpcompile.compiler.passes.param_grads import drops_only_padding
 
     def padded_gemm(g, x):
         padded = torch.mm(torch.nn.functional.pad(g.t(), (0, 0, 0, 3), value=pad_value), x)  # (10, 6)

@@ -2,7 +2,7 @@
 of bench/step_time.py put the crossover between ghost norms and instantiation."""
 import pytest
 
-from dpcompile import cost_model
+from dpcompile.compiler import cost_model
 from dpcompile.options import DPOptions
 
 BF16, FP32, BUDGET = 2, 4, 1024 * 2**20

@@ -1,4 +1,4 @@
-"""dpcompile.data: Poisson batch sampling and the Poisson DataLoader."""
+"""dpcompile.privacy.sampling: Poisson batch sampling and the Poisson DataLoader."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from dpcompile.data import PoissonBatchSampler, PoissonDataLoader, poisson_loader
+from dpcompile.privacy.sampling import PoissonBatchSampler, PoissonDataLoader, poisson_loader
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -182,14 +182,14 @@ def bsr_buffers(state) -> list[torch.Tensor]:
 def vouch_for_cyclic_batches() -> None:
     """These runs feed fixed cyclic batches themselves, so they vouch for BSR's min-separation,
     which torch.compile cannot see (plain-API BSR is refused otherwise)."""
-    from dpcompile.state import PrivacyState
+    from dpcompile.privacy.state import PrivacyState
 
     PrivacyState.cyclic_batches_verified = True
 
 
 @pytest.fixture(autouse=True)
 def _cyclic_batches_vouched():
-    from dpcompile.state import PrivacyState
+    from dpcompile.privacy.state import PrivacyState
 
     vouch_for_cyclic_batches()
     yield
@@ -431,7 +431,7 @@ def test_a_compiled_module_holding_fsdp_shards_is_refused():
         "import os, torch, torch.distributed as dist, torch.nn as nn\n"
         "from torch.distributed.fsdp import fully_shard\n"
         "from dpcompile import DPCompileError\n"
-        "import dpcompile.backends.dp\n"
+        "import dpcompile.compiler.backend\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'])\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
         "net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))\n"

@@ -19,9 +19,9 @@ from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
 import dpcompile
-from dpcompile import cost_model
-from dpcompile.passes import book_keeping
-from dpcompile.passes.base import HOOKS
+from dpcompile.compiler import cost_model
+from dpcompile.compiler.passes import book_keeping
+from dpcompile.compiler.passes.base import HOOKS
 from models import oracle_clipped_sum, per_sample_grads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tokenizers come from installed packages only

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpcompile import cli
+from dpcompile.tools import cli
 from dpcompile.errors import DPCompileError
-from dpcompile.export import export_onnx
+from dpcompile.tools.export import export_onnx
 from models import CNN, MLP, BreakNet, oracle_clipped_sum
 
 

@@ -346,7 +346,7 @@ def test_reproducible_noise_needs_the_loudly_named_opt_in():
     releases = []
     for _ in range(2):
         net = mlp()
-        with pytest.warns(dpcompile.state.InsecureSeedWarning):
+        with pytest.warns(dpcompile.privacy.state.InsecureSeedWarning):
             model = torch.compile(net, backend="dp", options={**OPTIONS, "noise_multiplier": 1.0, "insecure_seed": 3})
         assert "INSECURE" in repr(dpcompile.privacy_state(net))
         x, y = batch()

@@ -165,8 +165,8 @@ def test_where_after_the_gradient_sum_is_accepted_only_as_a_masked_select(case):
     """where(mask, g, 0) on a summed gradient g is linear; a nonzero branch (affine), a
     per-sample mask or a second gradient branch are refused, naming the op."""
     from dpcompile.errors import DPCompileError
-    from dpcompile.passes.batch_dim import AGG, FREE, Batched
-    from dpcompile.passes.param_grads import _check_linear
+    from dpcompile.compiler.passes.batch_dim import AGG, FREE, Batched
+    from dpcompile.compiler.passes.param_grads import _check_linear
 
     graph = torch.fx.Graph()
     aten = torch.ops.aten

@@ -14,9 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dpcompile
-from dpcompile import cli, cost_model, inspection
+from dpcompile.tools import cli, inspection
+from dpcompile.compiler import cost_model
 from dpcompile.errors import DPCompileError
-from dpcompile.passes import BACKWARD_PIPELINE, FORWARD_PIPELINE
+from dpcompile.compiler.passes import BACKWARD_PIPELINE, FORWARD_PIPELINE
 from models import CNN, MLP
 
 

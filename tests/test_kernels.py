@@ -1,4 +1,4 @@
-"""The Triton kernel for Σ_b w_b x_b + std·z (dpcompile.kernels) against a float64 reference.
+"""The Triton kernel for Σ_b w_b x_b + std·z (dpcompile.privacy.kernels) against a float64 reference.
 
 The CUDA tests need a GPU (run them there with DPCOMPILE_TEST_DEVICE=cuda or plainly on a GPU
 machine); on CPU the fused formula and the fallback are tested."""
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from dpcompile import kernels, per_sample
+from dpcompile.privacy import kernels, per_sample
 from models import TinyGPT, batch_loss
 
 CUDA = torch.cuda.is_available() and kernels.triton is not None

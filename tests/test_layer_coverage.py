@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dpcompile
-from dpcompile.inspection import capture_graphs, report_of
+from dpcompile.tools.inspection import capture_graphs, report_of
 
 TOL = 1e-5
 B = 6

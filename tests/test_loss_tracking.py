@@ -1,4 +1,4 @@
-"""dpcompile.loss_tracking: how a loss computed outside the compiled model combines the samples.
+"""dpcompile.privacy.loss_tracking: how a loss computed outside the compiled model combines the samples.
 
 Outputs of small eager models are wrapped with track_outputs and a fake owner
 records the verdicts; no torch.compile is needed here.
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dpcompile.errors import DPCompileError
-from dpcompile.loss_tracking import Batched, Mixed, Reduced, SampleTensor, sample_state, track_outputs
+from dpcompile.privacy.loss_tracking import Batched, Mixed, Reduced, SampleTensor, sample_state, track_outputs
 
 B, D, C = 6, 5, 4
 HERE = os.path.basename(__file__) + ":"
@@ -584,7 +584,7 @@ def test_gradients_with_respect_to_the_outputs(model, data, owner):
 
 
 def test_every_name_in_the_rule_table_resolves():
-    from dpcompile import loss_tracking
+    from dpcompile.privacy import loss_tracking
 
     unresolved = [n for _, names in loss_tracking._RULE_SPEC for n in names.split() if not loss_tracking._resolve(n)]
     assert unresolved == []

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import dpcompile
 from dpcompile.errors import DPCompileError
-from dpcompile.state import stream_seed
+from dpcompile.privacy.state import stream_seed
 from models import MLP, TinyGPT, batch_loss, per_sample_grads
 
 TOL = 1e-5

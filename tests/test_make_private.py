@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpcompile
-from dpcompile.accounting import epsilon
+from dpcompile.privacy.accounting import epsilon
 
 
 def task(n=256, seed=0):

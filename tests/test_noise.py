@@ -107,7 +107,7 @@ def test_each_parameter_gets_its_own_slice_of_the_step_noise():
     """(noisy − clean)·EBS/(σR) is exactly the parameter's slice of the step's N(0, 1) vector, for
     gradients noised one by one and for small ones packed into one flat sum alike: every
     coordinate has its own draw, and the offsets (what export reports) say which."""
-    from dpcompile.state import stream_seed
+    from dpcompile.privacy.state import stream_seed
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 300), nn.LayerNorm(300), nn.ReLU(), nn.Linear(300, 300), nn.ReLU(),
@@ -140,7 +140,7 @@ def test_the_flat_noise_is_cut_into_the_inputs_the_compiled_backward_takes(piece
     and cuts with gaps alike hand each piece exactly its coordinates of the flat draw."""
     from types import SimpleNamespace
 
-    from dpcompile.runtime import PrivateBackward
+    from dpcompile.compiler.runtime import PrivateBackward
 
     ctx = SimpleNamespace(plan={"noise_pieces": pieces, "noise_numel": 7}, extra_outputs=[],
                           runtime_inputs={"lsg_0": (2,), "dp_noise": (7,), "dp_scalars": (2,)})

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import dpcompile
 import dpcompile.engine as engine
 from dpcompile import DPCompileError
-from dpcompile.accounting import MIN_ACCOUNTED_NOISE_MULTIPLIER, epsilon
-from dpcompile.data import (PoissonAudit, PoissonBatchSampler, _largest_size_probability, _log_repeat_bound,
-                            _repeat_threshold)
+from dpcompile.privacy.accounting import MIN_ACCOUNTED_NOISE_MULTIPLIER, epsilon
+from dpcompile.privacy.sampling import (PoissonAudit, PoissonBatchSampler, _largest_size_probability,
+                                        _log_repeat_bound, _repeat_threshold)
 from dpcompile.options import DPOptions, validate_make_private_args
 
 INF, NAN = float("inf"), float("nan")

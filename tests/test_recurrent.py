@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dpcompile
-from dpcompile.inspection import capture_graphs
+from dpcompile.tools.inspection import capture_graphs
 
 B, T, D_IN, HIDDEN, CLASSES = 6, 4, 3, 5, 3
 
@@ -124,7 +124,7 @@ class Packed(nn.Module):
 @pytest.mark.covers("packed sequences (nn.utils.rnn.pack_padded_sequence)", status="refused")
 def test_packed_sequences_are_refused():
     """Dynamo breaks the graph at pack_padded_sequence and the layer runs eagerly: refused (a
-    recurrent call on packed data inside a dp graph is refused by dpcompile.recurrent)."""
+    recurrent call on packed data inside a dp graph is refused by dpcompile.compiler.recurrent)."""
     compiled = torch.compile(Packed(), backend="dp", options={"noise_multiplier": 0.0})
     with pytest.raises(dpcompile.DPCompileError), capture_graphs(snapshots=False, skip_inductor=True):
         F.cross_entropy(compiled(torch.randn(B, T, D_IN), torch.tensor([4, 3, 2, 4, 1, 2])),

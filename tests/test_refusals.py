@@ -390,7 +390,7 @@ def test_in_model_token_mean_is_refused_when_it_is_not_a_mean_of_per_sample_mean
 def test_token_count_refusal_fits_a_cuda_device_assert():
     """CUDA device-side asserts reject messages of 255+ characters (the step would fail with
     an unrelated error); the refusal keeps its fix even for a long source location."""
-    from dpcompile.per_sample import token_count_message
+    from dpcompile.privacy.per_sample import token_count_message
 
     message = token_count_message("File model.py, line 12, in forward: " + "x" * 400)
     assert len(message) < 255

@@ -419,7 +419,7 @@ def weighted_sum(weights: torch.Tensor, per_sample: torch.Tensor, dtype: torch.d
 
     With `noise`: Σ_b w_b x_b + std · noise[offset : offset + numel], the privatized gradient in
     one pass (`privatize` of the sum, with a single rounding to `dtype`). On CUDA, while the
-    backward is re-traced, one hand-written Triton kernel (`dpcompile.kernels`); elsewhere a
+    backward is re-traced, one hand-written Triton kernel (`dpcompile.privacy.kernels`); elsewhere a
     reduction that Inductor fuses with the noise addition."""
     dtype = dtype or per_sample.dtype
     z = None if noise is None else noise.narrow(0, offset, per_sample.shape[1:].numel())

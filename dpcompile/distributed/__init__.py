@@ -68,7 +68,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from .errors import DPCompileError
+from ..errors import DPCompileError
 
 NOISE_RANK = 0  # group rank that adds the step's noise
 ATTR = "data_parallel"  # attribute of PrivacyState holding the DataParallel below

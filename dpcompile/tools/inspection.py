@@ -32,8 +32,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import DPCompileError, module_path
-from .passes.base import HOOKS, CompileContext, PassRecord
+from ..errors import DPCompileError, module_path
+from ..compiler.passes.base import HOOKS, CompileContext, PassRecord
+from . import graph_render
+from .graph_render import format_privacy, format_report, format_table, human
 
 log = logging.getLogger("dpcompile")
 LOG_TOPICS = ("passes", "diff", "table", "graphs")
@@ -282,7 +284,7 @@ class Report:
     # -- pipeline and records ----------------------------------------------------------
     @property
     def pipeline(self) -> dict[str, list[str]]:
-        from .passes import BACKWARD_PIPELINE, FORWARD_PIPELINE
+        from ..compiler.passes import BACKWARD_PIPELINE, FORWARD_PIPELINE
 
         return {"forward": [n for n, _ in FORWARD_PIPELINE], "backward": [n for n, _ in BACKWARD_PIPELINE]}
 
@@ -304,7 +306,7 @@ class Report:
         snap = record.graph_before if when == "before" else record.graph_after
         if snap is None:
             raise DPCompileError("dpcompile inspection: this model was compiled without graph snapshots; use "
-                                 "dpcompile.inspect_model(...) or compile inside dpcompile.inspection.capture_graphs()")
+                                 "dpcompile.inspect_model(...) or compile inside dpcompile.tools.inspection.capture_graphs()")
         return snap
 
     def _context(self, region: int) -> CompileContext:
@@ -359,7 +361,7 @@ class Report:
         if opts.lsg is not None:
             summary["lsg"] = dataclasses.asdict(opts.lsg)
         if opts.sample_rate and opts.noise_multiplier > 0 and opts.noise_mechanism == "gaussian":
-            from .accounting import epsilon
+            from ..privacy.accounting import epsilon
 
             steps = max(1, round(1 / opts.sample_rate))
             summary["epsilon_one_epoch"] = {"delta": delta, "steps": steps,
@@ -373,8 +375,6 @@ class Report:
         """Write `path`: .svg = the graph after (or before) pass `name` with the nodes that all
         passes so far added (highlight="all") or that this pass added (highlight="pass") outlined;
         .html = the whole report with a picture per pass. Returns the path."""
-        from . import graph_render
-
         path = os.fspath(path)
         if path.endswith(".html"):
             text = graph_render.html_report(self)
@@ -441,94 +441,6 @@ def plan_rows(record: PassRecord, modules: dict[str, str]) -> list[ParamPlan]:
 
 def _named_op(name: str, ops: dict[str, str]) -> str:
     return f"{name} = {ops[name]}" if name in ops else name
-
-
-# ----------------------------------------------------------------------------- text formatting
-
-def human(x: float, unit: str = "") -> str:
-    """1234567 -> '1.23M' (bytes: binary units)."""
-    if unit == "B":
-        for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(x) < 1024 or suffix == "TiB":
-                return f"{x:.0f} {suffix}" if suffix == "B" else f"{x:.1f} {suffix}"
-            x /= 1024
-    for suffix in ("", "k", "M", "G", "T", "P"):
-        if abs(x) < 1000 or suffix == "P":
-            return f"{x:.0f}{suffix}" if suffix == "" else f"{x:.2f}{suffix}"
-        x /= 1000
-    return str(x)
-
-
-def format_table(rows: Sequence[ParamPlan]) -> str:
-    header = ("param", "module", "kind", "strategy", "FLOPs", "memory", "traffic", "alternatives (FLOPs / memory)")
-    body = [(r.param, r.module or "-", r.kind, r.strategy, human(r.flops), human(r.memory_bytes, "B"),
-             human(r.traffic_bytes, "B"),
-             "; ".join(f"{k}: {human(f)} / {human(m, 'B')}" for k, (f, m) in r.alternatives.items()) or "-")
-            for r in rows]
-    return _columns(header, body)
-
-
-def _columns(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join("  " + line for line in lines)
-
-
-def format_privacy(summary: dict[str, Any]) -> str:
-    s = summary
-    clip = (f"flat: C_i = min(1, R/‖g_i‖), R = {s['max_grad_norm']:g}" if s["clipping"] == "flat"
-            else f"automatic: C_i = R/(‖g_i‖ + γ), R = {s['max_grad_norm']:g}, γ = {s.get('automatic_gamma')}")
-    mech = "Gaussian (DP-SGD)" if s["noise_mechanism"] == "gaussian" else f"BSR correlated noise, {s['bsr_bands']} bands"
-    lines = [
-        f"mechanism        : {mech}",
-        f"clipping         : {clip}, per {s['clipped_per']}",
-        f"noise            : σ = {s['noise_multiplier']:g}, std σ·R = {s['noise_std']:g} on "
-        f"{s['noise_coordinates']} coordinates, once per logical step (runtime input; seed {s['seed']})",
-        f"gradient         : (Σ_i C_i g_i + noise) / {s['divisor']}; loss reduction '{s['loss_reduction']}'",
-        "sampling         : " + _sampling_text(s),
-    ]
-    if "epsilon_one_epoch" in s:
-        e = s["epsilon_one_epoch"]
-        lines.append(f"accounting       : ε = {e['epsilon']:.3f} at δ = {e['delta']:g} after one epoch "
-                     f"({e['steps']} steps, {s['accountant'].upper()})")
-    if "lsg" in s:
-        lines.append(f"lsg              : {s['lsg']}")
-    if s["graph_breaks"]:
-        lines.append(f"graph breaks     : {s['graph_breaks']} (clipped and noised once after the whole backward)")
-    return "\n".join("  " + line for line in lines)
-
-
-def _sampling_text(s: dict[str, Any]) -> str:
-    if s["noise_mechanism"] == "bsr":
-        return (f"fixed-order cyclic batches, min separation b = {s['bsr_min_separation']}, max participations "
-                f"k = {s['bsr_max_participations']} (ε from dpcompile.privacy_spent after training)")
-    if s["sample_rate"]:
-        return f"Poisson, q = {s['sample_rate']:g}"
-    return "sample_rate not set: no ε accounting (pass it in options)"
-
-
-def format_report(report: Report) -> str:
-    opts = report.options
-    ctx0 = report.contexts[0]
-    breaks = len(report.contexts) - 1
-    out = [f"dpcompile inspection of {report.model_name}: batch size {ctx0.batch_hint}, "
-           f"{len(report.contexts)} graph(s), {breaks} graph break(s)",
-           "Pipeline:",
-           "  forward : " + " -> ".join(report.pipeline["forward"]) + " -> Inductor",
-           "  backward: " + " -> ".join(report.pipeline["backward"]) + " -> decompose -> Inductor",
-           ]
-    for region, ctx in enumerate(report.contexts):
-        out.append(f"Passes (graph {region}):")
-        body = [(r.graph, r.name, f"{r.nodes_before} -> {r.nodes_after}", f"+{len(r.added)}", f"-{len(r.removed)}",
-                 "; ".join(r.notes)) for r in ctx.records]
-        out.append(_columns(("graph", "pass", "nodes", "added", "removed", "notes"), body))
-    out.append(f"Per-parameter plan (cost model at B = {ctx0.batch_hint}, strategy '{opts.strategy}', "
-               f"memory budget {opts.memory_budget_mb:g} MiB per layer):")
-    out.append(format_table(report.table()))
-    out.append("Privacy:")
-    out.append(format_privacy(report.privacy_summary()))
-    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- running a model
@@ -623,7 +535,7 @@ def capture_step(model: nn.Module, example_inputs: Any, *, target: torch.Tensor 
     with capture_graphs(snapshots=snapshots, keep_graphs=keep_graphs, skip_inductor=True):
         loss = compiled(model, loss_fn, *inputs, target)
         loss.backward()
-    from .state import state_of
+    from ..privacy.state import state_of
 
     contexts = [c for c in state_of(model).compiled if c.records]
     return Captured(model, loss_fn, compiled, inputs, target, contexts, loss.detach())
@@ -645,7 +557,7 @@ def inspect_model(model: nn.Module, example_inputs: Any, *, target: torch.Tensor
 def report_of(model: nn.Module) -> Report:
     """The report of a model already compiled with backend 'dp' and run (graph snapshots only
     if it was compiled inside `capture_graphs()`)."""
-    from .state import state_of
+    from ..privacy.state import state_of
 
     model = getattr(model, "_orig_mod", model)
     return Report(state_of(model).compiled, model_name=type(model).__name__, modules=param_modules(model))

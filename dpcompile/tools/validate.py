@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .errors import DPCompileError
+from ..errors import DPCompileError
 
 __all__ = ["Problem", "CheckReport", "check", "fix", "MODULE_RULES", "FIXES"]
 

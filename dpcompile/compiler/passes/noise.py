@@ -19,7 +19,7 @@ from them; noise there would move the padding vector from its initial value.
 
 Correlated mode (``noise_mechanism="bsr"``): the graph is the same; ``dp_noise`` then holds
 w_t = (C⁻¹Z)_t of the banded square root C instead of z_t, computed by the runtime's
-recursion over the last p − 1 noise vectors of this graph's stream (`dpcompile.bsr`).
+recursion over the last p − 1 noise vectors of this graph's stream (`dpcompile.privacy.bsr`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .. import per_sample
+from ...privacy import per_sample
 from .base import CompileContext, run_recorded
 
 

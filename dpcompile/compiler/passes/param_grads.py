@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..errors import DPCompileError, describe_node
+from ...errors import DPCompileError, describe_node
 from .base import CompileContext, node_shape, pad_amounts, run_recorded
 from .batch_dim import AGG, FREE, Batched, batched_args
 

@@ -1,6 +1,6 @@
 """Poisson sampling for DP-SGD.
 
-The privacy analysis in `dpcompile.accounting` assumes that every step draws its batch by
+The privacy analysis in `dpcompile.privacy.accounting` assumes that every step draws its batch by
 *Poisson sampling*: each of the N records is included independently with probability q,
 so batch sizes are random (Binomial(N, q), mean q * N) and may be zero. Fixed-size
 shuffled batches do not give that guarantee.
@@ -18,7 +18,7 @@ under Poisson sampling (for the plain ``torch.compile(..., backend="dp")`` API, 
 dpcompile does not build the loader): a loader with a fixed batch size is refused.
 
 `CyclicBatchSampler` is the other schema: fixed-order cyclic batches, for the BSR
-correlated-noise mechanism (`dpcompile.bsr`), whose accounting needs each example to take
+correlated-noise mechanism (`dpcompile.privacy.bsr`), whose accounting needs each example to take
 part at most once every b steps rather than Poisson sampling.
 
 Randomness comes from a `torch.Generator` (the global torch RNG if none is given), which is
@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
-from .errors import DPCompileError
+from ..errors import DPCompileError
 
 __all__ = ["PoissonBatchSampler", "PoissonDataLoader", "poisson_loader", "PoissonAudit", "CyclicBatchSampler"]
 
@@ -311,8 +311,8 @@ class PoissonAudit:
             f"sample_rate={self.sample_rate:g} assumes each record joins each batch independently with probability "
             "q; a DataLoader with a fixed batch_size (shuffled or not) gives no amplification by sampling, so its "
             "true ε can be many times the reported one. This batch is refused. Fix: sample with "
-            "dpcompile.data.poisson_loader(loader, sample_rate=q) (a PoissonDataLoader), or "
-            "DataLoader(dataset, batch_sampler=dpcompile.data.PoissonBatchSampler(N, q)), or use "
+            "dpcompile.privacy.sampling.poisson_loader(loader, sample_rate=q) (a PoissonDataLoader), or "
+            "DataLoader(dataset, batch_sampler=dpcompile.privacy.sampling.PoissonBatchSampler(N, q)), or use "
             "dpcompile.make_private, which sets up Poisson sampling itself. (This check refuses a truly "
             f"Poisson-sampled run with probability below {self.alpha:g}.)")
         raise DPCompileError(self.failure)
@@ -400,7 +400,7 @@ class CyclicBatchSampler(Sampler[list[int]]):
     The N indices are split once, by a data-independent random permutation, into
     ``num_batches`` = b batches of sizes ⌊N/b⌋ or ⌈N/b⌉; global step t always uses batch
     t mod b. So every example takes part at most once every b steps (b-min-separation)
-    and in at most ⌈T/b⌉ of the first T steps, which is what `dpcompile.bsr.sensitivity`
+    and in at most ⌈T/b⌉ of the first T steps, which is what `dpcompile.privacy.bsr.sensitivity`
     assumes. Unlike Poisson sampling there is no amplification: the guarantee comes from
     the noise and the bounded number of participations only.
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import DPCompileError
+from ..errors import DPCompileError
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "int64": torch.int64,
           "long": torch.int64, "int32": torch.int32}
@@ -93,7 +93,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- commands
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from . import passes
+    from ..compiler import passes
 
     for which, pipeline in (("forward", passes.FORWARD_PIPELINE), ("backward", passes.BACKWARD_PIPELINE)):
         print(f"{which} graph:")

@@ -28,17 +28,18 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .. import kernels, recurrent
+from ..privacy import kernels
+from . import recurrent
 from ..distributed import check_compile
 from ..errors import DPCompileError
 from ..options import DPOptions
-from ..passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
-from ..passes.batch_dim import check_inference_state_writes
-from ..passes.base import HOOKS, CompileContext, node_shape, to_expr
-from ..state import IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, guard_parameters, own_module
+from .passes import BACKWARD_PIPELINE, FORWARD_PIPELINE, run_pipeline
+from .passes.batch_dim import check_inference_state_writes
+from .passes.base import HOOKS, CompileContext, node_shape, to_expr
+from ..privacy.state import IN_GRAPH_ATTR, STATE_ATTR, PrivacyState, guard_parameters, own_module
 from .module import STATE_KEY
 from .module import install as install_compile_hook
-from ..runtime import OwnParametersOnly, PrivateBackward, states_of_this_call
+from .runtime import OwnParametersOnly, PrivateBackward, states_of_this_call
 
 aten = torch.ops.aten
 log = logging.getLogger("dpcompile")
@@ -110,7 +111,7 @@ def aot_decompositions() -> dict:
 def _state_for(options: dict | None, example_inputs: Sequence[Any]) -> PrivacyState:
     """The privacy state of the module this graph belongs to.
 
-    ``torch.compile(module, backend="dp")`` hands it over in the options (`backends.module`);
+    ``torch.compile(module, backend="dp")`` hands it over in the options (`compiler.module`);
     a compiled function finds it from the graph's parameters (their owner's state), or gets a
     state of its own. Every parameter the graph takes is marked as clipped here and guarded."""
     options = dict(options or {})
@@ -275,7 +276,7 @@ def _log_backward(ctx: CompileContext, seconds: float) -> None:
 
 
 # Inductor unrolls reductions over fewer than `unroll_reductions_threshold` (8) elements into
-# pointwise code. The batch sums Σ_b w_b g_b were its main target (now `dpcompile.kernels` on
+# pointwise code. The batch sums Σ_b w_b g_b were its main target (now `dpcompile.privacy.kernels` on
 # CUDA); with the kernel in place, keeping the threshold at 17 still paid on an H200 (2026-12-02,
 # GPT-2 bf16 B=8 T=1024): lean plan 25.4 ms a step against 32.6 ms without it, auto plan 24.8
 # against 25.1 ms, first step 1.00-1.26x Inductor's. GPU graphs only: Inductor's C++ backend
@@ -417,4 +418,4 @@ def _view_strides(x: torch.Tensor, size) -> list | None:
     return _compute_stride(x.shape, x.stride(), infer_size(size, x.numel()), size_oblivious=True)
 
 
-install_compile_hook()  # torch.compile(module, backend="dp") protects the module first (backends.module)
+install_compile_hook(dp_backend)  # torch.compile(module, backend="dp") protects the module first (compiler.module)

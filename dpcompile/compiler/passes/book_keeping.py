@@ -22,12 +22,13 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .. import cost_model, per_sample
-from ..errors import DPCompileError, describe_node
+from .. import cost_model
+from ...privacy import per_sample
+from ...errors import DPCompileError, describe_node
 from . import symbolic
 from .base import CompileContext, node_shape, pad_amounts, run_recorded
-from .batch_dim import (BAG_MODES, FREE_ROWS, Batched, Ragged, _kwargs, bag_structure, batched_args, layout_of,
-                        trilinear_dims)
+from .batch_dim import (BAG_MODES, FREE_ROWS, Batched, Ragged, _kwargs, bag_structure, batched_args,
+                        layout_of, trilinear_dims)
 from .param_grads import ParamGrad, Site
 
 aten = torch.ops.aten

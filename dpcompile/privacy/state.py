@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import secrets
 import warnings
 import weakref
 from typing import Any
@@ -23,9 +21,10 @@ from typing import Any
 import torch
 
 from .accounting import PrivacyAccountant
-from .errors import DPCompileError
+from ..errors import DPCompileError
 from .lsg import LSGProjector
-from .options import DPOptions
+from .rng import secret_seed, stream_seed
+from ..options import DPOptions
 
 STATE_ATTR = "_dpcompile_state"
 GUARD_ATTR = "_dpcompile_guarded"
@@ -39,11 +38,6 @@ _STATE_OF_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, PrivacyState]" = w
 
 class InsecureSeedWarning(UserWarning):
     """A privacy state whose noise is seeded from a known value (the insecure_seed option)."""
-
-
-def secret_seed() -> int:
-    """A 63-bit seed from the OS's cryptographic entropy source (the default for every stream)."""
-    return secrets.randbits(63)
 
 
 def batch_size_of(inputs: Any, sample_dim: int = 0) -> int | None:
@@ -119,7 +113,7 @@ class PrivacyState:
 
     def track_outputs(self, outputs: Any, inputs: Any) -> Any:
         """The compiled model's outputs, wrapped so that the loss computed from them is analysed
-        (`dpcompile.loss_tracking`); the batch size is that of the first batched input. Outside
+        (`dpcompile.privacy.loss_tracking`); the batch size is that of the first batched input. Outside
         grad mode nothing can reach a backward, so outputs are returned as they are."""
         if not torch.is_grad_enabled():
             return outputs
@@ -190,7 +184,7 @@ class PrivacyState:
         gen = self.generator("deferred", device)
         return [torch.randn(n, generator=gen, device=device) for n in sizes]
 
-    # -- BSR correlated noise (dpcompile.bsr) -------------------------------------------
+    # -- BSR correlated noise (dpcompile.privacy.bsr) -------------------------------------------
     @staticmethod
     def _make_correlated_noise(options: DPOptions):
         if options.noise_mechanism != "bsr":
@@ -343,7 +337,7 @@ class PrivacyState:
         return entry[1] if entry is not None and entry[0]() is param else None
 
     def _release_deferred(self, pending) -> None:
-        from .distributed import graph_scalars
+        from ..distributed import graph_scalars
         from .per_sample import clip_weights, noise_scales, privatize, weighted_sum
 
         opts = self.options
@@ -387,7 +381,7 @@ class PrivacyState:
     def checkpoint_record(self) -> dict[str, Any]:
         """A live plain dict of the accounting (steps, accountant history), kept in the param group of
         every optimizer that steps this model's parameters, so that ``optimizer.state_dict()``, the
-        checkpoint users already save, carries it (`dpcompile.checkpoint`)."""
+        checkpoint users already save, carries it (`dpcompile.privacy.checkpoint`)."""
         if self._record is None:
             self._record = {}
             self._update_checkpoint_record()
@@ -508,7 +502,7 @@ def guard_parameters(params) -> None:
 
 
 def _poisson_audit(options: DPOptions):
-    from .data import PoissonAudit
+    from .sampling import PoissonAudit
 
     if options.sample_rate is None or options.expected_batch_size is None or options.noise_mechanism != "gaussian":
         return None
@@ -597,11 +591,6 @@ def _check_incoming_gradient(param_ref: weakref.ref, grad: torch.Tensor) -> None
 
 def _name(param: torch.Tensor) -> str:
     return getattr(param, NAME_ATTR, None) or f"of shape {tuple(param.shape)}"
-
-
-def stream_seed(seed: int, step: int, stream: str) -> int:
-    digest = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def state_of(model: torch.nn.Module) -> PrivacyState:

@@ -18,7 +18,7 @@ compose too. The reported epsilon makes the whole run (epsilon, delta)-DP under 
 record), which is the relation Poisson-sampling analyses are stated in. It holds only if
 the training loop really performs every step counted here, including steps whose
 Poisson batch happened to be empty (those must still release noise, or at least be
-counted: see `dpcompile.data`).
+counted: see `dpcompile.privacy.sampling`).
 
 Two methods are offered:
 
@@ -40,6 +40,8 @@ import functools
 import math
 import numbers
 from typing import TYPE_CHECKING, Any, Iterable
+
+from ..options import MIN_ACCOUNTED_NOISE_MULTIPLIER
 
 if TYPE_CHECKING:
     import dp_accounting
@@ -77,15 +79,8 @@ _PLD_ABS_TOL = 1e-6  # epsilon differences below this are noise, whatever epsilo
 # cheap RDP value there instead: still a valid upper bound, a few percent looser.
 _PLD_MAX_EPSILON = 500.0
 
-# Below this noise multiplier no epsilon is computed: `_epsilon` returns math.inf. A single
-# Gaussian step of multiplier sigma has privacy loss N(mu, 2 mu) with mu = 1/(2 sigma^2), so
-# at sigma < 1e-6 one step alone gives epsilon > 10^11 whatever delta, and Poisson
-# subsampling at rate q lowers that by at most ln(1/q) <= 745 (the smallest double) -- there
-# is no guarantee left to report, and inf is a valid (vacuous) upper bound. Not asking
-# dp_accounting there matters: its double arithmetic breaks down at tiny sigma (sigma^2
-# underflows near 1e-154: ZeroDivisionError, OverflowError, or, for the RDP of subsampled
-# steps at sigma ~ 1e-155, a silently returned epsilon of 0.0).
-MIN_ACCOUNTED_NOISE_MULTIPLIER = 1e-6
+# MIN_ACCOUNTED_NOISE_MULTIPLIER (options.py, which validates against it): below it no epsilon
+# is computed, `_epsilon` returns math.inf; the reason is written there.
 
 # Bracket limits for calibration.
 _MAX_NOISE_MULTIPLIER = 1e6

@@ -36,8 +36,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.operator_schemas import normalize_function
 
-from .. import per_sample
-from ..errors import DPCompileError, describe_node
+from ...privacy import per_sample
+from ...errors import DPCompileError, describe_node
 from . import symbolic
 from .base import CompileContext, node_shape, pad_amounts, run_recorded, to_expr
 

@@ -29,7 +29,7 @@ Sensitivity (participation schema)
 ----------------------------------
 The guarantee assumes *b-min-separation*: an example takes part in at most k steps, any
 two of them at least b steps apart (the fixed-order cyclic batches of
-`dpcompile.data.CyclicBatchSampler` with b batches per epoch: k = ⌈n/b⌉), and the
+`dpcompile.privacy.sampling.CyclicBatchSampler` with b batches per epoch: k = ⌈n/b⌉), and the
 *zero-out* neighbouring relation of the matrix-factorization literature (one record's
 gradient replaced by zero, so each participation moves one row of X by at most R). There is
 no amplification by sampling. For a participation pattern π the change of C X has squared
@@ -60,7 +60,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import DPCompileError
+from ..errors import DPCompileError
 
 __all__ = [
     "workload_coefficients", "central_binomial_ratios", "sqrt_coefficients", "sqrt_coefficients_exact",

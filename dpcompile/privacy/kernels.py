@@ -9,7 +9,7 @@ as a reduction over the short batch dim, Inductor either emitted a slow persiste
 reduction (~1 TB/s on an H200) or, unrolled, one kernel per layer shape whose code
 generation cost seconds of compile time; this kernel is one source for every layer, batch
 size (symbolic included) and dtype, reads each per-sample value once and adds the noise
-in the same pass. The backward re-trace (`backends.dp._decompose`) puts it into the graph
+in the same pass. The backward re-trace (`compiler.backend._decompose`) puts it into the graph
 through `torch.library.wrap_triton`, so Inductor launches it from its generated code.
 
 `enabled()` is true only inside `use_triton(True)` (the re-trace) and with Triton

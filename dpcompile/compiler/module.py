@@ -19,7 +19,7 @@ eager fallback. So dpcompile takes part in ``torch.compile`` itself: importing t
            ``suppress_errors`` swallowed, and hands the outputs to the loss tracker.
 
 Other backends are untouched. ``torch.compile`` of a plain function (no module) is guarded per
-graph by the backend (`dpcompile.backends.dp._state_for`).
+graph by the backend (`dpcompile.compiler.backend._state_for`).
 """
 from __future__ import annotations
 
@@ -32,22 +32,24 @@ import torch
 
 from ..errors import DPCompileError
 from ..options import DPOptions
-from ..state import SECRET_OPTIONS, STATE_ATTR, PrivacyState, own_module, state_of_module
+from ..privacy.state import SECRET_OPTIONS, STATE_ATTR, PrivacyState, own_module, state_of_module
 
 STATE_KEY = "__dpcompile_state__"  # weakref to the module's PrivacyState, in the options the backend receives
 _ORIGINAL_OPTIMIZE = None
+_DP_BACKEND: Any = None  # the backend function, handed over by `compiler.backend` (which imports this module)
 
 
-def install() -> None:
-    """Wrap ``torch._dynamo.optimize`` once (idempotent)."""
-    global _ORIGINAL_OPTIMIZE
+def install(dp_backend: Any) -> None:
+    """Wrap ``torch._dynamo.optimize`` once (idempotent) to protect modules compiled with `dp_backend`."""
+    global _ORIGINAL_OPTIMIZE, _DP_BACKEND
     import torch._dynamo
 
+    _DP_BACKEND = dp_backend
     if _ORIGINAL_OPTIMIZE is not None:
         return
     _ORIGINAL_OPTIMIZE = torch._dynamo.optimize
     torch._dynamo.optimize = functools.wraps(_ORIGINAL_OPTIMIZE)(_optimize)
-    from .. import checkpoint
+    from ..privacy import checkpoint
 
     checkpoint.install()  # the accounting rides in optimizer checkpoints
 
@@ -59,9 +61,7 @@ def _optimize(*args: Any, **kwargs: Any):
 
 
 def _is_dp(backend: Any) -> bool:
-    from .dp import dp_backend
-
-    return backend == "dp" or backend is dp_backend or getattr(backend, "compiler_fn", None) is dp_backend
+    return backend == "dp" or backend is _DP_BACKEND or getattr(backend, "compiler_fn", None) is _DP_BACKEND
 
 
 class _PrivateDecorator:
@@ -150,10 +150,10 @@ def _call_privately(call: Any, state: PrivacyState | None, args: tuple, kwargs: 
     """Run the compiled call; surface a refusal as itself; track the outputs for the loss.
 
     `state` None: a compiled function, whose state is that of the parameters its graphs took."""
-    from ..runtime import states_used
+    from .runtime import states_used
 
     try:
-        # allow_rnn: Dynamo traces nn.RNN/GRU/LSTM (dpcompile.recurrent rewrites them) instead of
+        # allow_rnn: Dynamo traces nn.RNN/GRU/LSTM (dpcompile.compiler.recurrent rewrites them) instead of
         # running them eagerly, where their gradients would be refused; only for dp compiles.
         with states_used() as used, torch._dynamo.config.patch(allow_rnn=True):
             out = call(*args, **kwargs)

@@ -8,7 +8,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..options import DPOptions
+from ...options import DPOptions
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class PassRecord:
     notes: list[str] = dataclasses.field(default_factory=list)
     table: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     code_after: str = ""
-    graph_before: Any = None  # snapshots, only while HOOKS.snapshot is set (dpcompile.inspection)
+    graph_before: Any = None  # snapshots, only while HOOKS.snapshot is set (dpcompile.tools.inspection)
     graph_after: Any = None
 
 
@@ -64,7 +64,7 @@ Pass = Callable[[fx.GraphModule, CompileContext], PassRecord]
 @dataclasses.dataclass
 class InspectionHooks:
     """What the passes keep beyond their records; all off by default (big models have big graphs).
-    `dpcompile.inspection` turns them on (`capture_graphs()`, ``DPCOMPILE_LOGS``)."""
+    `dpcompile.tools.inspection` turns them on (`capture_graphs()`, ``DPCOMPILE_LOGS``)."""
 
     snapshot: Callable[[fx.GraphModule], Any] | None = None  # graph -> snapshot, before/after each pass
     keep_graphs: bool = False  # keep the final forward/backward FX graphs (before Inductor) in ctx.graphs

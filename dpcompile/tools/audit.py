@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .errors import DPCompileError
+from ..errors import DPCompileError
 
 __all__ = ["AuditResult", "audit"]
 
@@ -98,7 +98,7 @@ def _canary_direction(net: nn.Module, canary, loss_fn) -> torch.Tensor:
 
 
 def _claimed_epsilon(opts: dict, delta: float) -> float:
-    from .accounting import PrivacyAccountant
+    from ..privacy.accounting import PrivacyAccountant
 
     sigma = float(opts["noise_multiplier"])
     if sigma == 0:

@@ -20,7 +20,7 @@ and apply the gradients only when ``dp_checks_ok`` is true. ONNX has no assertio
 the checks the compiled step makes at run time (per-sample norms finite; equal token
 counts per sample for losses averaged over the tokens of the whole batch) become that
 boolean output instead of being dropped. Privacy accounting stays with the caller
-(``dpcompile.accounting``); shapes are static (re-export for another batch size).
+(``dpcompile.privacy.accounting``); shapes are static (re-export for another batch size).
 
 ``verify=True`` checks the file with ``onnx.checker``, runs it in onnxruntime, and
 compares its gradients with those PyTorch computes for the same inputs and noise vector
@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import DPCompileError, describe_node
+from ..errors import DPCompileError, describe_node
 from .inspection import Captured, capture_step
 
 aten = torch.ops.aten
@@ -230,8 +230,8 @@ def _single_region(captured: Captured):
 
 def _runtime_examples(captured: Captured) -> list[torch.Tensor]:
     """The runtime inputs the dp backend feeds this step (noise as zeros: verification draws real noise)."""
-    from .runtime import PrivateBackward
-    from .state import state_of
+    from ..compiler.runtime import PrivateBackward
+    from ..privacy.state import state_of
 
     ctx = captured.contexts[0]
     state = state_of(captured.model)
@@ -470,7 +470,7 @@ def verify_against_torch(exported: ExportedStep, step: PrivateStep, captured: Ca
                          rtol: float) -> dict[str, float]:
     """Run one more private step of the captured model in PyTorch (dp backend) and the ONNX
     file in onnxruntime on the same parameters, inputs and noise vector; compare."""
-    from .state import state_of
+    from ..privacy.state import state_of
 
     state = state_of(captured.model)
     ctx = captured.contexts[0]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import DPCompileError
+from ..errors import DPCompileError
 
 RECORD_KEY = "dpcompile_privacy"
 _seen: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list]" = weakref.WeakKeyDictionary()

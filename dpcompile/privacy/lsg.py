@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .options import LSGOptions
+from ..options import LSGOptions
 
 POWER_ITERATIONS = 2
 
@@ -102,7 +102,7 @@ def lsg_inputs(projector: LSGProjector, ctx: Any, step: int) -> dict[str, torch.
 
 
 def _generator(seed: int, counter: int, stream: str) -> torch.Generator:
-    from .state import stream_seed
+    from .rng import stream_seed
 
     gen = torch.Generator()
     gen.manual_seed(stream_seed(seed, counter, stream))

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.utils._sympy.functions import FloorDiv
 
-from ..errors import DPCompileError
+from ...errors import DPCompileError
 
 aten = torch.ops.aten
 _NODES: "weakref.WeakKeyDictionary[fx.Graph, dict]" = weakref.WeakKeyDictionary()  # graph -> {expr: node}

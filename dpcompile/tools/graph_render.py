@@ -1,4 +1,6 @@
-"""Pictures of graph snapshots (SVG, no graphviz needed) and the HTML inspection report.
+"""How an inspection report is shown: its text tables, pictures of graph snapshots (SVG, no
+graphviz needed) and the HTML report. The report (`inspection`) holds the facts and knows
+nothing of its renderings; this module reads it.
 
 Layout: networkx gives the layers (topological generations: every node one row below its
 latest input); graph inputs and constants are then moved down to the row just above their
@@ -9,10 +11,10 @@ looks at this way.
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from .inspection import GraphSnapshot, NodeInfo, Report
+    from .inspection import GraphSnapshot, NodeInfo, ParamPlan, Report
 
 NODE_W, NODE_H, GAP_X, GAP_Y, MARGIN, LEGEND_H = 184, 40, 18, 34, 24, 64
 COLORS = {  # fill, stroke
@@ -162,7 +164,6 @@ def _esc(text: str) -> str:
 # ----------------------------------------------------------------------------- HTML report
 
 def html_report(report: Report) -> str:
-    from .inspection import format_privacy, human
 
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>dpcompile: {_esc(report.model_name)}</title>",
            f"<style>{_CSS}</style></head><body>",
@@ -215,3 +216,91 @@ details { margin: 8px 0; } summary { cursor: pointer; }
 .diff span { display: inline-block; margin: 1px 6px; font-family: monospace; font-size: 12px; }
 .add { color: #1e8449; } .del { color: #b03a2e; } .pic { overflow-x: auto; border: 1px solid #eee; }
 """
+
+
+# ----------------------------------------------------------------------------- text formatting
+
+def human(x: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (bytes: binary units)."""
+    if unit == "B":
+        for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(x) < 1024 or suffix == "TiB":
+                return f"{x:.0f} {suffix}" if suffix == "B" else f"{x:.1f} {suffix}"
+            x /= 1024
+    for suffix in ("", "k", "M", "G", "T", "P"):
+        if abs(x) < 1000 or suffix == "P":
+            return f"{x:.0f}{suffix}" if suffix == "" else f"{x:.2f}{suffix}"
+        x /= 1000
+    return str(x)
+
+
+def format_table(rows: Sequence[ParamPlan]) -> str:
+    header = ("param", "module", "kind", "strategy", "FLOPs", "memory", "traffic", "alternatives (FLOPs / memory)")
+    body = [(r.param, r.module or "-", r.kind, r.strategy, human(r.flops), human(r.memory_bytes, "B"),
+             human(r.traffic_bytes, "B"),
+             "; ".join(f"{k}: {human(f)} / {human(m, 'B')}" for k, (f, m) in r.alternatives.items()) or "-")
+            for r in rows]
+    return _columns(header, body)
+
+
+def _columns(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join("  " + line for line in lines)
+
+
+def format_privacy(summary: dict[str, Any]) -> str:
+    s = summary
+    clip = (f"flat: C_i = min(1, R/‖g_i‖), R = {s['max_grad_norm']:g}" if s["clipping"] == "flat"
+            else f"automatic: C_i = R/(‖g_i‖ + γ), R = {s['max_grad_norm']:g}, γ = {s.get('automatic_gamma')}")
+    mech = "Gaussian (DP-SGD)" if s["noise_mechanism"] == "gaussian" else f"BSR correlated noise, {s['bsr_bands']} bands"
+    lines = [
+        f"mechanism        : {mech}",
+        f"clipping         : {clip}, per {s['clipped_per']}",
+        f"noise            : σ = {s['noise_multiplier']:g}, std σ·R = {s['noise_std']:g} on "
+        f"{s['noise_coordinates']} coordinates, once per logical step (runtime input; seed {s['seed']})",
+        f"gradient         : (Σ_i C_i g_i + noise) / {s['divisor']}; loss reduction '{s['loss_reduction']}'",
+        "sampling         : " + _sampling_text(s),
+    ]
+    if "epsilon_one_epoch" in s:
+        e = s["epsilon_one_epoch"]
+        lines.append(f"accounting       : ε = {e['epsilon']:.3f} at δ = {e['delta']:g} after one epoch "
+                     f"({e['steps']} steps, {s['accountant'].upper()})")
+    if "lsg" in s:
+        lines.append(f"lsg              : {s['lsg']}")
+    if s["graph_breaks"]:
+        lines.append(f"graph breaks     : {s['graph_breaks']} (clipped and noised once after the whole backward)")
+    return "\n".join("  " + line for line in lines)
+
+
+def _sampling_text(s: dict[str, Any]) -> str:
+    if s["noise_mechanism"] == "bsr":
+        return (f"fixed-order cyclic batches, min separation b = {s['bsr_min_separation']}, max participations "
+                f"k = {s['bsr_max_participations']} (ε from dpcompile.privacy_spent after training)")
+    if s["sample_rate"]:
+        return f"Poisson, q = {s['sample_rate']:g}"
+    return "sample_rate not set: no ε accounting (pass it in options)"
+
+
+def format_report(report: Report) -> str:
+    opts = report.options
+    ctx0 = report.contexts[0]
+    breaks = len(report.contexts) - 1
+    out = [f"dpcompile inspection of {report.model_name}: batch size {ctx0.batch_hint}, "
+           f"{len(report.contexts)} graph(s), {breaks} graph break(s)",
+           "Pipeline:",
+           "  forward : " + " -> ".join(report.pipeline["forward"]) + " -> Inductor",
+           "  backward: " + " -> ".join(report.pipeline["backward"]) + " -> decompose -> Inductor",
+           ]
+    for region, ctx in enumerate(report.contexts):
+        out.append(f"Passes (graph {region}):")
+        body = [(r.graph, r.name, f"{r.nodes_before} -> {r.nodes_after}", f"+{len(r.added)}", f"-{len(r.removed)}",
+                 "; ".join(r.notes)) for r in ctx.records]
+        out.append(_columns(("graph", "pass", "nodes", "added", "removed", "notes"), body))
+    out.append(f"Per-parameter plan (cost model at B = {ctx0.batch_hint}, strategy '{opts.strategy}', "
+               f"memory budget {opts.memory_budget_mb:g} MiB per layer):")
+    out.append(format_table(report.table()))
+    out.append("Privacy:")
+    out.append(format_privacy(report.privacy_summary()))
+    return "\n".join(out)

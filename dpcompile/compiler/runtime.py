@@ -8,9 +8,9 @@ from typing import Any, Iterator
 
 import torch
 
-from .distributed import check_forward, graph_scalars
-from .errors import DPCompileError
-from .lsg import lsg_inputs
+from ..distributed import check_forward, graph_scalars
+from ..errors import DPCompileError
+from ..privacy.lsg import lsg_inputs
 
 
 class OwnParametersOnly:
@@ -133,7 +133,7 @@ class PrivateBackward:
 
     def _graph_inputs(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """The flat noise cut into the per-gradient views the compiled graph takes
-        (`backends.dp.split_noise_input`)."""
+        (`compiler.backend.split_noise_input`)."""
         if self.noise_cut is None:
             return values
         index, sizes, pieces = self.noise_cut

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .errors import DPCompileError, describe_node
+from ..errors import DPCompileError, describe_node
 
 
 def _rnn_cell(act: Callable) -> Callable:

@@ -9,7 +9,7 @@ their squared norm joins the sample's whole-gradient norm, so clipping bounds th
 vector and the noise is added to k coordinates only. The optimizer receives the n×m
 matrix the noisy reduced vector stands for (``per_sample.lsg_reconstruct``).
 
-Privacy: L, R and index are runtime inputs chosen by ``dpcompile.lsg.LSGProjector``
+Privacy: L, R and index are runtime inputs chosen by ``dpcompile.privacy.lsg.LSGProjector``
 either from a seed (data-independent) or from the current weights and the last update,
 which are post-processing of earlier noisy releases when the initial weights are public
 (random init or a public checkpoint). Each step therefore releases clipped reduced vectors
@@ -28,7 +28,7 @@ import math
 import torch
 import torch.fx as fx
 
-from ..errors import DPCompileError
+from ...errors import DPCompileError
 from .base import CompileContext, run_recorded
 from .param_grads import ParamGrad, count_transposes
 
