@@ -231,7 +231,8 @@ def mode_eager(case, args):
 
 
 def mode_compile(case, args):
-    return case.model, make_step(torch.compile(case.model), batch_mean(case), adamw(case.model), case, args)
+    compiled = torch.compile(case.model, mode=args.compile_mode)
+    return case.model, make_step(compiled, batch_mean(case), adamw(case.model), case, args)
 
 
 def dp_options(args) -> dict:
@@ -239,6 +240,8 @@ def dp_options(args) -> dict:
     # No sample_rate: the timed batches have a fixed size, which dpcompile's Poisson audit refuses
     # under a claimed sample rate (no ε is claimed here; the step's work is the same).
     opts = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "expected_batch_size": batch}
+    if args.compile_mode:  # torch.compile refuses mode= next to options=: the dp backend takes it as an option
+        opts["mode"] = args.compile_mode
     return {**opts, **json.loads(args.dp_options or "{}")}
 
 
@@ -370,6 +373,7 @@ def child_flags(args) -> list[str]:
              "--modes", args.modes]
     flags += ["--tiny"] if args.tiny else []
     flags += ["--compile-times"] if args.compile_times else []
+    flags += ["--compile-mode", args.compile_mode] if args.compile_mode else []
     return flags + (["--dp-options", args.dp_options] if args.dp_options else [])
 
 
@@ -443,6 +447,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timeout", type=float, default=240, help="seconds for each workload's process")
     p.add_argument("--dp-options", help="JSON merged into the dp mode's options")
+    p.add_argument("--compile-mode", help='torch.compile mode of both compiled modes, e.g. "reduce-overhead" (CUDA graphs)')
     p.add_argument("--compile-times", action="store_true",
                    help="log each compiled mode's first step by compiler phase (in DIR/<workload>.log)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run this one workload in this process
