@@ -155,7 +155,7 @@ def register_state(options: dict, module: torch.nn.Module) -> PrivacyState:
 
 def _classify_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: CompileContext) -> None:
     """Kind of every graph input: "param", "buffer", "symint", "batched" (holds the samples along
-    the sample_dim option's dimension) or "free". The batch size is that of the first tensor the
+    the sample_dim option's dimension; a vector of the batch's size along its only one) or "free". The batch size is that of the first tensor the
     user passed (not a module attribute Dynamo lifted in front of it)."""
     dim = ctx.options.sample_dim
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -177,10 +177,14 @@ def _classify_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: Com
         raise DPCompileError(
             f"dpcompile: the compiled model takes no batched tensor input; the first tensor argument must hold "
             f"the samples along dimension {dim} (the sample_dim option)")
+    vectors = set()  # with sample_dim > 0: a user's vector of one value per sample (lengths of a packed batch)
     for node, value in tensors:
         size = _fake_size(node, value, dim)
         if size is not None and size[0] == batch[0]:
             kinds[node] = "batched"
+        elif dim > 0 and node in user_nodes and value.dim() == 1 and _fake_size(node, value, 0)[0] == batch[0]:
+            kinds[node] = "batched"
+            vectors.add(node)
         else:
             if node in user_nodes:
                 _check_shared_input(node, value, batch, dim)
@@ -191,6 +195,8 @@ def _classify_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: Com
             ctx.param_names[len(ctx.input_kinds)] = _param_name(_source_name(node), node.name)
         if kind == "param":
             ctx.params[len(ctx.input_kinds)] = value
+        if node in vectors:
+            ctx.input_sample_dims[len(ctx.input_kinds)] = 0
         ctx.input_kinds.append(kind)
     ctx.batch_size, ctx.batch_hint = batch
 

@@ -150,12 +150,13 @@ def _call_privately(call: Any, state: PrivacyState | None, args: tuple, kwargs: 
     """Run the compiled call; surface a refusal as itself; track the outputs for the loss.
 
     `state` None: a compiled function, whose state is that of the parameters its graphs took."""
+    from .recurrent import packed_sequences
     from .runtime import states_used
 
     try:
         # allow_rnn: Dynamo traces nn.RNN/GRU/LSTM (dpcompile.compiler.recurrent rewrites them) instead of
         # running them eagerly, where their gradients would be refused; only for dp compiles.
-        with states_used() as used, torch._dynamo.config.patch(allow_rnn=True):
+        with states_used() as used, torch._dynamo.config.patch(allow_rnn=True), packed_sequences():
             out = call(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         inner = unwrap_refusal(e)

@@ -36,6 +36,7 @@ class CompileContext:
     graph_id: int
     param_names: dict[int, str]  # forward input index -> parameter name
     input_kinds: list[str]  # per forward input: "param", "buffer", "batched", "free", "symint"
+    input_sample_dims: dict[int, int] = dataclasses.field(default_factory=dict)  # batched input -> dim, if not sample_dim
     batch_size: sympy.Expr | None = None  # B, an Integer (static) or symbol expression (dynamic)
     batch_hint: int | None = None  # B of the example inputs (for cost decisions when B is symbolic)
     length_plans: int = 0  # earlier compiles of this region whose plan guards a range of lengths

@@ -153,9 +153,9 @@ def _placeholder_layouts(placeholders: list[fx.Node], ctx: CompileContext, which
                 f"dpcompile: forward graph has {len(placeholders)} inputs but dynamo gave "
                 f"{len(ctx.input_kinds)}; this model's input structure is not supported yet"
             )
-        batched = Batched(ctx.options.sample_dim)
-        return {p.name: (batched if kind == "batched" else FREE)
-                for p, kind in zip(placeholders, ctx.input_kinds)}
+        dims = ctx.input_sample_dims
+        return {p.name: (Batched(dims.get(i, ctx.options.sample_dim)) if kind == "batched" else FREE)
+                for i, (p, kind) in enumerate(zip(placeholders, ctx.input_kinds))}
     layouts = {}
     tangents = [p for p in placeholders if p.name.startswith("tangents")]
     if len(tangents) != len(ctx.tangent_layouts):
