@@ -112,14 +112,7 @@ class DPOptimizer:
 
     def noise_only_step(self) -> None:
         """An empty Poisson draw: release σR·z / E[B] as the gradient, as the analysis assumes."""
-        opts = self.state.options
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        gen = self.state.generator("empty-batch", params[0].device)
-        std = opts.noise_multiplier * opts.max_grad_norm
-        for p in params:
-            p.grad = (std * torch.randn(p.shape, generator=gen, device=p.device) / opts.expected_batch_size).to(p.dtype)
-        self.state.record_skipped()
-        self.state.last_backward_released = True
+        release_pure_noise(self.state, self._params())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -177,6 +170,18 @@ class DPDataLoader:
                 batch = self.collate_fn([self.dataset[i] for i in part])
                 yield _mark_batch_dynamic(batch)
         self.state.release_next = True
+
+
+def release_pure_noise(state: Any, params: list[torch.Tensor]) -> None:
+    """The release of an empty Poisson draw: each gradient is σR·z / E[B] (no sample, noise only), and
+    the step is counted, as the accounting assumes (skipping it would reveal that the batch was empty)."""
+    opts = state.options
+    gen = state.generator("empty-batch", params[0].device)
+    std = opts.noise_multiplier * opts.max_grad_norm
+    for p in params:
+        p.grad = (std * torch.randn(p.shape, generator=gen, device=p.device) / opts.expected_batch_size).to(p.dtype)
+    state.record_skipped()
+    state.last_backward_released = True
 
 
 def _mark_batch_dynamic(batch: Any) -> Any:
