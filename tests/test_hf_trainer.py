@@ -85,7 +85,8 @@ def first_run(tmp_path_factory):
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainer = DPTrainer(model=model, args=arguments(out, max_steps=MAX_STEPS, logging_steps=3, save_strategy="steps",
                                                     save_steps=4),
-                        train_dataset=Sequences(N), data_collator=collate, target_epsilon=TARGET_EPS)
+                        train_dataset=Sequences(N), eval_dataset=Sequences(8, seed=9), data_collator=collate,
+                        target_epsilon=TARGET_EPS)
     trainer.train()
     return trainer, out, before
 
@@ -107,6 +108,11 @@ def test_a_run_logs_epsilon_of_the_steps_taken_at_the_calibrated_sigma(first_run
     assert final <= TARGET_EPS and final > 0.95 * TARGET_EPS  # σ calibrated for the 8 planned steps
     assert dpcompile_epsilon(0.95 * sigma, q, MAX_STEPS, delta) > TARGET_EPS  # a smaller σ would overshoot
     assert any(not torch.equal(p, before[k]) for k, p in trainer.model.named_parameters())
+    metrics = trainer.evaluate()  # the plain model, per-sequence loss, nothing released
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert trainer.state.log_history[-1]["eval_loss"] == metrics["eval_loss"]
+    assert trainer.state.log_history[-1]["epsilon"] == final
+    assert state.steps == MAX_STEPS
 
 
 def test_resume_from_a_trainer_checkpoint_continues_steps_and_epsilon(first_run, tmp_path):
@@ -238,3 +244,31 @@ def test_a_loss_that_mixes_samples_is_refused_by_the_trial_step_at_construction(
         DPTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=Sequences(N),
                   data_collator=collate, compute_loss_func=batch_token_mean, target_epsilon=3.0)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_poisson_draws_vary_in_size_and_an_empty_draw_releases_noise_only(tmp_path):
+    """q = 2/32: with this (test-only) seed the first 5 draws have 2, 0, 2, 2 and 5 samples. The empty
+    one still takes a step, whose gradient is pure noise N(0, (σR / E[B])²), and is counted."""
+    sizes, noise = [], []
+
+    def recording_collate(features):
+        sizes.append(len(features))
+        return collate(features)
+
+    class Gradients(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if trainer.privacy.skipped_steps == 1 and not noise:
+                noise.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+
+    with pytest.warns(dpcompile.state.InsecureSeedWarning):
+        trainer = DPTrainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=5, per_device_train_batch_size=2,
+                                                              gradient_accumulation_steps=1),
+                            train_dataset=Sequences(N), data_collator=recording_collate, noise_multiplier=1.0,
+                            dry_run=False, dp_options={"insecure_seed": 6}, callbacks=[Gradients()])
+    trainer.train()
+    state = trainer.privacy
+    assert sizes == [2, 2, 2, 5]  # Poisson sizes; the empty draw reached no collator
+    assert state.steps == trainer.state.global_step == 5 and state.skipped_steps == 1
+    assert len(state.compiled) == 1  # one graph with a symbolic batch dimension for sizes 2 and 5
+    z = noise[0] / (1.0 * 1.0 / 2)  # σ = 1, R = 1, E[B] = 2
+    assert abs(float(z.std()) - 1) < 0.1 and abs(float(z.mean())) < 0.1

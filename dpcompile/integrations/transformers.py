@@ -141,7 +141,7 @@ class _PrivacyCallback(transformers.TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         logged_now = state.log_history and state.log_history[-1].get("step") == state.global_step
-        if not logged_now:
+        if args.logging_strategy != "no" and not logged_now:
             control.should_log = True
         return control
 
@@ -200,6 +200,11 @@ class DPTrainer(transformers.Trainer):
         R = self.args.max_grad_norm if max_grad_norm is None else max_grad_norm
         if not R or R <= 0:
             raise DPCompileError(f"DPTrainer: max_grad_norm (the per-sample clipping bound) must be > 0, got {R!r}")
+        fixed = sorted(set(dp_options or {}) & {"max_grad_norm", "noise_multiplier", "sample_rate", "accountant",
+                                                 "expected_batch_size", "dataset_size", "noise_mechanism"})
+        if fixed:
+            raise DPCompileError(f"DPTrainer: dp_options {fixed} are set by the DPTrainer from its own arguments and "
+                                 "the TrainingArguments (noise_mechanism: only Gaussian DP-SGD with Poisson sampling)")
         options = dict(dp_options or {}, max_grad_norm=float(R), noise_multiplier=sigma,
                        sample_rate=self.sample_rate, expected_batch_size=self.sample_rate * n, accountant=accountant)
         self.privacy = register_state(options, self.model)
