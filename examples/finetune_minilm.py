@@ -29,6 +29,7 @@ import csv
 import importlib.util
 import io
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -42,6 +43,11 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: E402
 
 import dpcompile  # noqa: E402
+
+try:  # a progress bar when tqdm is installed (it comes with transformers)
+    from tqdm.auto import tqdm
+except ImportError:
+    tqdm = None
 
 
 def package_dir(name: str) -> Path:
@@ -115,6 +121,16 @@ def accuracy(model, ids, mask, labels, batch_size=512) -> float:
     return float((preds == labels).float().mean())
 
 
+def progress(loader, desc: str):
+    """The loader, shown as a progress bar on stderr (one tick per micro-batch) when tqdm is installed."""
+    return tqdm(loader, desc=desc, file=sys.stderr, leave=False) if tqdm else loader
+
+
+def log(line: str) -> None:
+    """A progress line on stderr (stdout keeps the results), without breaking a tqdm bar."""
+    (tqdm.write if tqdm else print)(line, file=sys.stderr)
+
+
 def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dict]:
     torch._dynamo.reset()  # a fresh compile per run (see make_private's notes on reusing graphs)
     torch.manual_seed(args.seed)
@@ -129,11 +145,15 @@ def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dic
             model, opt, loader, target_epsilon=epsilon, target_delta=args.delta, epochs=args.epochs,
             max_grad_norm=args.max_grad_norm, max_physical_batch_size=args.physical_batch)
     epochs = args.epochs if epsilon is not None else args.epochs_nonprivate
-    for _ in range(epochs):
-        for ids, mask, y in loader:
+    for epoch in range(epochs):
+        desc = (f"eps = {epsilon:g}" if epsilon else "non-private") + f", epoch {epoch + 1}/{epochs}"
+        for ids, mask, y in progress(loader, desc):
             F.cross_entropy(run_model(ids, mask), y).backward()  # mean over reviews
             opt.step()
             opt.zero_grad()
+        if epsilon is not None:
+            log(f"epoch {epoch + 1}: eps = {dpcompile.privacy_spent(model, args.delta):.3f} after "
+                f"{dpcompile.privacy_state(model).steps} steps")
     if epsilon is not None:
         state = dpcompile.privacy_state(model)
         info = {"sigma": state.options.noise_multiplier, "epsilon": dpcompile.privacy_spent(model, args.delta),

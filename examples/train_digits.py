@@ -7,6 +7,7 @@ next to the same model trained without privacy.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -16,6 +17,27 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpcompile
+
+try:  # a progress bar when tqdm is installed (it comes with transformers)
+    from tqdm.auto import tqdm
+except ImportError:
+    tqdm = None
+
+
+def epoch_bar(epochs: int, desc: str):
+    """range(epochs), shown as a progress bar on stderr when tqdm is installed."""
+    return tqdm(range(epochs), desc=desc, file=sys.stderr, leave=False) if tqdm else range(epochs)
+
+
+def log_epoch(bar, epoch: int, net: nn.Module, delta: float) -> None:
+    """ε spent after each epoch, on stderr (stdout keeps the summary)."""
+    eps = dpcompile.privacy_spent(net, delta)
+    line = f"epoch {epoch + 1}: eps = {eps:.3f} after {dpcompile.privacy_state(net).steps} steps"
+    if tqdm is None:
+        print(line, file=sys.stderr)
+        return
+    bar.set_postfix(eps=f"{eps:.3f}")
+    tqdm.write(line, file=sys.stderr)
 
 
 class DigitsCNN(nn.Module):
@@ -57,11 +79,14 @@ def train(train_set, epochs, lr, batch_size, private: dict | None):
     model = net
     if private is not None:
         model, opt, loader = dpcompile.make_private(net, opt, loader, **private)
-    for epoch in range(epochs):
+    bar = epoch_bar(epochs, "private" if private is not None else "non-private")
+    for epoch in bar:
         for x, y in loader:
             F.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad()
+        if private is not None:
+            log_epoch(bar, epoch, net, private["target_delta"])
     return net
 
 
