@@ -20,7 +20,7 @@ from torch.func import functional_call, grad
 import transformers
 
 import dpcompile
-from dpcompile.accounting import epsilon as dpcompile_epsilon
+from dpcompile.privacy.accounting import epsilon as dpcompile_epsilon
 from dpcompile.integrations.transformers import PUBLIC_STATE_FILE, DPTrainer
 
 V, T = 32, 8  # vocabulary; every batch is padded to T tokens (one sequence length: one compiled graph)
@@ -196,7 +196,7 @@ def test_one_step_clips_like_the_float64_oracle(tmp_path):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             released.update({k: p.grad.detach().clone() for k, p in model.named_parameters()})
 
-    with pytest.warns(dpcompile.state.InsecureSeedWarning):  # a fixed draw: the test knows who is in it
+    with pytest.warns(dpcompile.privacy.state.InsecureSeedWarning):  # a fixed draw: the test knows who is in it
         trainer = DPTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=data,
                             data_collator=recording_collate, noise_multiplier=0.0, max_grad_norm=R, dry_run=False,
                             dp_options={"insecure_seed": 5}, callbacks=[Released()])
@@ -260,7 +260,7 @@ def test_poisson_draws_vary_in_size_and_an_empty_draw_releases_noise_only(tmp_pa
             if trainer.privacy.skipped_steps == 1 and not noise:
                 noise.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
 
-    with pytest.warns(dpcompile.state.InsecureSeedWarning):
+    with pytest.warns(dpcompile.privacy.state.InsecureSeedWarning):
         trainer = DPTrainer(model=tiny_gpt2(), args=arguments(tmp_path, max_steps=5, per_device_train_batch_size=2,
                                                               gradient_accumulation_steps=1),
                             train_dataset=Sequences(N), data_collator=recording_collate, noise_multiplier=1.0,

@@ -41,13 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from ..accounting import calibrate_noise_multiplier
-from ..backends.dp import register_state
-from ..data import PoissonBatchSampler
+from ..privacy.accounting import calibrate_noise_multiplier
+from ..compiler.backend import register_state
+from ..privacy.sampling import PoissonBatchSampler
 from ..engine import release_pure_noise
 from ..errors import DPCompileError
-from ..state import PrivacyState, stream_seed
-from ..validate import check
+from ..privacy.rng import stream_seed
+from ..privacy.state import PrivacyState
+from ..tools.validate import check
 
 try:
     import transformers
@@ -251,7 +252,7 @@ class DPTrainer(transformers.Trainer):
                                  f"nothing was trained.\n{report}")
         if not dry_run or len(self.train_dataset) < 2:
             return
-        from ..inspection import capture_graphs
+        from ..tools.inspection import capture_graphs
 
         batch = self._prepare_inputs(self._collator()([self.train_dataset[0], self.train_dataset[1]]))
         trial = copy.deepcopy(self.model).train()
