@@ -14,7 +14,9 @@
 
 With ``noise_mechanism="bsr", bands=p`` it sets up BSR correlated noise instead: fixed-order
 cyclic batches (b = ⌈N / batch_size⌉ per epoch), σ calibrated by the matrix-factorization
-accounting of `dpcompile.privacy.bsr` (no amplification by sampling).
+accounting of `dpcompile.privacy.bsr` (no amplification by sampling). ``noise_mechanism="amplified_bsr"``
+(bands=p, groups=b ≥ p) sets up the amplified banded mechanism: b fixed groups, step t
+Poisson-samples group t mod b, σ from the amplified accounting (`dpcompile.privacy.bsr.amplified_epsilon`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from .privacy.accounting import calibrate_noise_multiplier
 from .compiler.backend import register_state
-from .privacy.sampling import CyclicBatchSampler, PoissonBatchSampler, PoissonDataLoader
+from .privacy.sampling import CyclicBatchSampler, CyclicPoissonBatchSampler, PoissonBatchSampler, PoissonDataLoader
 from .distributed import (check_cyclic_batches, check_in_sync, local_share, make_private_group,
                           setup_make_private, synchronize_gradients)
 from .errors import DPCompileError
@@ -38,11 +40,13 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data
                  epochs: float | None = None, noise_multiplier: float | None = None,
                  max_physical_batch_size: int | None = None, insecure_seed: int | None = None,
                  accountant: str = "pld", noise_mechanism: str = "gaussian", bands: int | None = None,
-                 data_parallel: bool | None = None, **options: Any):
+                 groups: int | None = None, data_parallel: bool | None = None, **options: Any):
     """Returns (compiled model, DPOptimizer, DPDataLoader). Extra keyword arguments are dp backend options.
 
     noise_mechanism="bsr" (with bands=p) switches to BSR correlated noise over fixed-order
-    cyclic batches instead of Poisson-sampled DP-SGD; see `_make_private_bsr`.
+    cyclic batches instead of Poisson-sampled DP-SGD; noise_mechanism="amplified_bsr" (bands=p,
+    groups=b, default b = p) the amplified banded mechanism over cyclic Poisson batches; see
+    `_make_private_bsr`.
 
     data_parallel: None (default) trains data-parallel when a torch.distributed process group of
     several ranks is initialized (every rank calls make_private alike; see `dpcompile.distributed`):
@@ -53,8 +57,8 @@ def make_private(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data
                                target_delta=target_delta, epochs=epochs, noise_multiplier=noise_multiplier,
                                insecure_seed=insecure_seed)
     group = make_private_group(module, data_parallel)
-    if noise_mechanism != "gaussian" or bands is not None:
-        return _make_private_bsr(module, optimizer, data_loader, noise_mechanism, bands, max_grad_norm=max_grad_norm,
+    if noise_mechanism != "gaussian" or bands is not None or groups is not None:
+        return _make_private_bsr(module, optimizer, data_loader, noise_mechanism, bands, groups, max_grad_norm=max_grad_norm,
                                  target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs,
                                  noise_multiplier=noise_multiplier, max_physical_batch_size=max_physical_batch_size,
                                  insecure_seed=insecure_seed, accountant=accountant, options=options, group=group)
@@ -200,7 +204,7 @@ def _mark_batch_dynamic(batch: Any) -> Any:
 # ----------------------------------------------------------------------------- BSR front end
 
 def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
-                      noise_mechanism: str, bands: int | None, *, max_grad_norm: float,
+                      noise_mechanism: str, bands: int | None, groups: int | None, *, max_grad_norm: float,
                       target_epsilon: float | None, target_delta: float, epochs: float | None,
                       noise_multiplier: float | None, max_physical_batch_size: int | None, insecure_seed: int | None,
                       accountant: str, options: dict[str, Any], group: Any = None):
@@ -208,6 +212,10 @@ def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
     The workload's momentum β and decay λ default to those of a torch.optim.SGD optimizer
     (β = momentum, λ = lr·weight_decay): they only shape the factorization, never the privacy.
+
+    "amplified_bsr": b = `groups` (default: the number of bands) fixed groups, step t samples group
+    t mod b with Poisson rate q = batch_size·b/N (expected batch: batch_size), σ calibrated by the
+    amplified accounting over epochs·N/batch_size steps.
     """
     from .privacy import bsr
 
@@ -216,18 +224,24 @@ def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                insecure_seed=insecure_seed)
 
     def refuse(message: str) -> None:
-        raise DPCompileError(f"dpcompile.make_private(noise_mechanism='bsr'): {message}")
+        raise DPCompileError(f"dpcompile.make_private(noise_mechanism={noise_mechanism!r}): {message}")
 
     if noise_mechanism == "gaussian":
-        raise DPCompileError("dpcompile.make_private: bands only applies with noise_mechanism='bsr'")
-    if noise_mechanism != "bsr":
-        raise DPCompileError(f"dpcompile.make_private: noise_mechanism must be 'gaussian' or 'bsr', got "
-                             f"{noise_mechanism!r}")
+        raise DPCompileError("dpcompile.make_private: bands and groups only apply with noise_mechanism='bsr' or "
+                             "'amplified_bsr'")
+    if noise_mechanism not in ("bsr", "amplified_bsr"):
+        raise DPCompileError(f"dpcompile.make_private: noise_mechanism must be 'gaussian', 'bsr' or "
+                             f"'amplified_bsr', got {noise_mechanism!r}")
+    amplified = noise_mechanism == "amplified_bsr"
+    if groups is not None and not amplified:
+        refuse("groups only applies with noise_mechanism='amplified_bsr' (BSR's cyclic batches are set by "
+               "batch_size)")
     if isinstance(data_loader, PoissonDataLoader):
-        refuse("the data loader samples Poisson batches; BSR's accounting assumes fixed-order cyclic batches "
-               "(each example at most once every b steps). Pass an ordinary DataLoader with batch_size.")
+        refuse("the data loader samples Poisson batches itself; BSR's accounting needs dpcompile's own batches "
+               "(fixed-order cyclic, or cyclic Poisson groups for 'amplified_bsr'). Pass an ordinary DataLoader "
+               "with batch_size.")
     fixed = sorted({"sample_rate", "expected_batch_size", "bsr_min_separation", "bsr_max_participations",
-                    "bsr_bands"} & set(options))
+                    "bsr_bands", "bsr_sample_rate"} & set(options))
     if fixed:
         refuse(f"{fixed} are set from the data loader and `bands`; do not pass them")
     if (bands is None) == (options.get("bsr_coefficients") is None):
@@ -237,32 +251,67 @@ def _make_private_bsr(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
     if not batch_size:
         refuse("the data loader needs a batch_size (the logical batch of the cyclic schema)")
-    num_batches = min(n, -(-n // batch_size))
     momentum, weight_decay = _sgd_workload(optimizer)
     momentum = options.pop("bsr_momentum", momentum)
     weight_decay = options.pop("bsr_weight_decay", weight_decay)
+    coefficients = options.get("bsr_coefficients") or bsr.bsr_coefficients(bands, momentum, weight_decay)
+    if amplified:
+        if group is not None:
+            refuse("data-parallel training is not supported for the amplified banded mechanism yet (an empty "
+                   "share of a rank is not handled); train on one rank or use noise_mechanism='bsr'")
+        num_batches, sample_rate, steps_per_epoch = _cyclic_poisson_schema(n, batch_size, groups, coefficients,
+                                                                           refuse)
+        expected_batch_size = float(batch_size)  # q·N/b
+    else:
+        num_batches = steps_per_epoch = min(n, -(-n // batch_size))
+        sample_rate, expected_batch_size = None, n / num_batches
     if (target_epsilon is None) == (noise_multiplier is None):
         refuse("pass exactly one of target_epsilon or noise_multiplier")
     if target_epsilon is not None:
         if epochs is None:
             refuse("target_epsilon needs epochs (to know the number of steps and participations)")
-        steps = max(1, int(round(epochs * num_batches)))
-        coefficients = options.get("bsr_coefficients") or bsr.bsr_coefficients(bands, momentum, weight_decay)
-        noise_multiplier = bsr.calibrate_noise_multiplier(target_epsilon, target_delta, coefficients, steps,
-                                                          num_batches, mechanism=accountant)
+        steps = max(1, int(round(epochs * steps_per_epoch)))
+        if amplified:
+            noise_multiplier = bsr.calibrate_amplified_noise_multiplier(
+                target_epsilon, target_delta, coefficients, steps, num_batches, sample_rate, mechanism=accountant)
+        else:
+            noise_multiplier = bsr.calibrate_noise_multiplier(target_epsilon, target_delta, coefficients, steps,
+                                                              num_batches, mechanism=accountant)
     backend_options = dict(options, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
                            noise_mechanism="bsr", bsr_bands=bands, bsr_momentum=momentum,
                            bsr_weight_decay=weight_decay, bsr_min_separation=num_batches,
-                           expected_batch_size=n / num_batches, insecure_seed=insecure_seed, accountant=accountant)
+                           bsr_sample_rate=sample_rate, expected_batch_size=expected_batch_size,
+                           insecure_seed=insecure_seed, accountant=accountant)
     state = register_state(backend_options, module)
-    state.cyclic_batches_verified = True  # make_private draws the cyclic batches itself
+    state.cyclic_batches_verified = True  # make_private draws the cyclic (Poisson) batches itself
     if group is not None:  # same seed (hence the same cyclic partition) and parameters on every rank
         setup_make_private(state, module, group)
         check_cyclic_batches(state, n, num_batches)
     model = torch.compile(module, backend="dp", options=backend_options)
     dp_optimizer = DPOptimizer(optimizer, state, module)
-    loader = CyclicDPDataLoader(data_loader, num_batches, max_physical_batch_size, state)
+    if amplified:
+        loader = CyclicPoissonDPDataLoader(data_loader, num_batches, sample_rate, steps_per_epoch,
+                                           max_physical_batch_size, state)
+    else:
+        loader = CyclicDPDataLoader(data_loader, num_batches, max_physical_batch_size, state)
     return model, dp_optimizer, loader
+
+
+def _cyclic_poisson_schema(n: int, batch_size: int, groups: int | None, coefficients: tuple[float, ...],
+                           refuse: Any) -> tuple[int, float, int]:
+    """(b groups, rate q = batch_size·b/N, steps per epoch N/batch_size) of the amplified schema."""
+    from .privacy import bsr
+
+    b = len(coefficients) if groups is None else groups
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
+        refuse(f"groups must be an int in [1, N = {n}], got {b!r}")
+    sample_rate = batch_size * b / n
+    if sample_rate > 1:
+        refuse(f"batch_size × groups = {batch_size} × {b} exceeds the N = {n} examples: a group of N/b examples "
+               f"cannot give an expected batch of {batch_size}. Use at most N / batch_size = {n // batch_size} "
+               "groups (and as many bands or fewer)")
+    bsr.check_amplified(coefficients, b, sample_rate)
+    return b, sample_rate, max(1, round(n / batch_size))
 
 
 def _sgd_workload(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
@@ -287,19 +336,35 @@ class CyclicDPDataLoader:
         self.dataset, self.collate_fn = loader.dataset, loader.collate_fn
         self.num_batches, self.max_physical, self.state = num_batches, max_physical, state
         self.expected_batch_size = len(loader.dataset) / num_batches
-        self._sampler: tuple[int, CyclicBatchSampler] | None = None
+        self.steps_per_epoch = num_batches
+        self._sampler: tuple[int, Any] | None = None
 
     @property
     def sampler(self) -> CyclicBatchSampler:
         if self._sampler is None or self._sampler[0] != self.state.seed:
-            generator = torch.Generator().manual_seed(self.state.seed)
-            self._sampler = (self.state.seed, CyclicBatchSampler(len(self.dataset), self.num_batches, generator))
+            self._sampler = (self.state.seed, self._make_sampler())
         return self._sampler[1]
 
+    def _make_sampler(self) -> Any:
+        return CyclicBatchSampler(len(self.dataset), self.num_batches, torch.Generator().manual_seed(self.state.seed))
+
+    def _check_schema(self) -> None:
+        """The privacy state must account exactly the schema this loader draws."""
+        opts = self.state.options
+        if opts.bsr_sample_rate is not None or opts.bsr_min_separation != self.num_batches:
+            raise DPCompileError(
+                f"dpcompile: this cyclic BSR loader draws {self.num_batches} fixed batches, but the model's privacy "
+                f"state accounts bsr_min_separation={opts.bsr_min_separation}, bsr_sample_rate={opts.bsr_sample_rate}: "
+                "use the loader make_private returned together with its model")
+
+    def _indices(self, step: int) -> list[int]:
+        return self.sampler.batch(step)
+
     def __len__(self) -> int:
-        return self.num_batches - self.state.steps % self.num_batches
+        return self.steps_per_epoch - self.state.steps % self.steps_per_epoch
 
     def __iter__(self) -> Iterator[Any]:
+        self._check_schema()
         start = self.state.steps
         for step in range(start, start + len(self)):
             if self.state.steps != step:
@@ -307,7 +372,7 @@ class CyclicDPDataLoader:
                     f"dpcompile: the cyclic BSR loader expected step {step} but the privacy state is at step "
                     f"{self.state.steps}: each logical batch must end with one private backward before the next "
                     "batch is drawn (batch t mod b belongs to step t; the accounting relies on it)")
-            indices = local_share(self.state, self.sampler.batch(step))  # data-parallel: every W-th sample
+            indices = local_share(self.state, self._indices(step))  # data-parallel: every W-th sample
             chunk = self.max_physical or len(indices)
             parts = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
             self.state.discard_accumulation()  # a logical batch abandoned half-way is never released
@@ -315,3 +380,39 @@ class CyclicDPDataLoader:
                 self.state.release_next = k == len(parts) - 1
                 yield _mark_batch_dynamic(self.collate_fn([self.dataset[i] for i in part]))
         self.state.release_next = True
+
+
+class CyclicPoissonDPDataLoader(CyclicDPDataLoader):
+    """Cyclic Poisson batches for the amplified banded mechanism (`dpcompile.privacy.sampling.CyclicPoissonBatchSampler`).
+
+    Step t draws group t mod b of a fixed partition with Poisson rate q, both from the privacy
+    state's secret seed (a resumed run draws what an uninterrupted one would). One pass is one
+    epoch in expectation (N / batch_size steps). An empty draw is refused: the pure-noise release it
+    needs is not implemented for correlated noise (probability (1 − q)^{N/b} a step).
+    """
+
+    def __init__(self, loader: DataLoader, num_groups: int, sample_rate: float, steps_per_epoch: int,
+                 max_physical: int | None, state: Any) -> None:
+        super().__init__(loader, num_groups, max_physical, state)
+        self.sample_rate, self.steps_per_epoch = sample_rate, steps_per_epoch
+        self.expected_batch_size = sample_rate * len(loader.dataset) / num_groups
+
+    def _make_sampler(self) -> CyclicPoissonBatchSampler:
+        return CyclicPoissonBatchSampler(len(self.dataset), self.num_batches, self.sample_rate, self.state.seed)
+
+    def _check_schema(self) -> None:
+        opts = self.state.options
+        if opts.bsr_sample_rate != self.sample_rate or opts.bsr_min_separation != self.num_batches:
+            raise DPCompileError(
+                f"dpcompile: this cyclic Poisson loader draws {self.num_batches} groups at rate {self.sample_rate:g}, "
+                f"but the model's privacy state accounts bsr_min_separation={opts.bsr_min_separation}, "
+                f"bsr_sample_rate={opts.bsr_sample_rate}: use the loader make_private returned with its model")
+
+    def _indices(self, step: int) -> list[int]:
+        indices = self.sampler.batch(step)
+        if not indices:
+            raise DPCompileError(
+                f"dpcompile: the cyclic Poisson draw of step {step} is empty; the amplified banded accounting needs "
+                "that step released as pure correlated noise, which dpcompile does not implement yet. Nothing was "
+                "released for it. Use a larger batch_size (an empty draw has probability (1 − q)^(N/b) a step)")
+        return indices

@@ -29,7 +29,7 @@ LSG_MASKS = ("update", "random")
 # Numeric options, by type: numbers.Real / numbers.Integral values (numpy scalars included) are
 # converted to plain Python float / int when the options are built (DPOptions.from_dict).
 FLOAT_OPTIONS = ("max_grad_norm", "noise_multiplier", "sample_rate", "expected_batch_size", "automatic_gamma",
-                 "memory_budget_mb", "bsr_momentum", "bsr_weight_decay")
+                 "memory_budget_mb", "bsr_momentum", "bsr_weight_decay", "bsr_sample_rate")
 INT_OPTIONS = ("insecure_seed", "instance", "sample_dim", "dataset_size", "bsr_bands", "bsr_min_separation", "bsr_max_participations")
 # expected_batch_size vs sample_rate * dataset_size: relative tolerance of the consistency check.
 DIVISOR_REL_TOL = 1e-9
@@ -153,6 +153,10 @@ class DPOptions:
         (batches per epoch of fixed-order cyclic batches).
     bsr_max_participations: k, a promise that no example takes part in more than k steps
         (default: ⌈steps/b⌉, always true under b-min-separation).
+    bsr_sample_rate: q, claims the *amplified* banded accounting (cyclic Poisson participation:
+        b = bsr_min_separation disjoint groups, step t samples group t mod b with Poisson rate q;
+        `dpcompile.bsr.amplified_epsilon`). Needs bands <= b; only through
+        `dpcompile.make_private(noise_mechanism="amplified_bsr")`, whose loader samples that way.
     triton_kernels: on CUDA, compute each instantiated gradient's Σ_b w_b g_b + noise with
         dpcompile's Triton kernel (`dpcompile.privacy.kernels`) instead of an Inductor reduction
         (False: the reduction; for comparisons).
@@ -185,6 +189,7 @@ class DPOptions:
     bsr_coefficients: tuple[float, ...] | None = None
     bsr_min_separation: int | None = None
     bsr_max_participations: int | None = None
+    bsr_sample_rate: float | None = None
     triton_kernels: bool = True
     mode: str | None = None
     inductor: tuple[tuple[str, Any], ...] = ()
@@ -322,6 +327,22 @@ class DPOptions:
         for name in ("bsr_min_separation", "bsr_max_participations"):
             value = getattr(self, name)
             need(value is None or positive_int(value), f"{name} must be an int >= 1, got {value!r}")
+        if self.bsr_sample_rate is not None:
+            self._validate_amplified()
+
+    def _validate_amplified(self) -> None:
+        """Amplified banded MF: b groups (bsr_min_separation), Poisson rate q, bands <= b."""
+        need, q, b = _require, self.bsr_sample_rate, self.bsr_min_separation
+        bands = self.bsr_bands if self.bsr_bands is not None else len(self.bsr_coefficients or ())
+        need(_is_number(q) and 0 < q <= 1, f"bsr_sample_rate (Poisson rate within a group) must be in (0, 1], got {q!r}")
+        need(b is not None, "bsr_sample_rate (amplified banded accounting) needs bsr_min_separation=b, the number of "
+             "groups of the cyclic Poisson schema")
+        need(self.bsr_max_participations is None,
+             "bsr_max_participations does not apply with bsr_sample_rate: the amplified accounting counts ⌈T/b⌉ "
+             "Poisson-sampled participations itself")
+        need(bands <= b, f"bsr_sample_rate (amplified banded accounting) needs bands <= groups: {bands} bands but "
+             f"bsr_min_separation={b} groups, so the columns of C one example touches would overlap. Use at most "
+             f"{b} bands or more groups")
 
     def _validate_inductor(self) -> None:
         from torch._inductor import config, list_mode_options

@@ -47,6 +47,23 @@ multiplier σ / sens(C); ε(δ) of that mechanism is computed with dp-accounting
 After T steps only the first T rows have been released (C is lower-triangular), so ε is
 that of the leading T×T block with k_T = min(k, ⌈T/b⌉): it grows as training proceeds.
 
+Amplified banded MF (cyclic Poisson participation)
+--------------------------------------------------
+Choquette-Choo et al. (NeurIPS 2023, "Amplified banded matrix factorization") recover
+amplification by sampling for a *banded* C: the N examples are split once, by a
+data-independent random permutation, into b disjoint groups; step t uses group t mod b, each
+of its examples included independently with probability q (Poisson). An example of group g
+can only take part in steps g, g + b, g + 2b, …; if C has at most p ≤ b nonzero diagonals,
+column t of C touches rows t..t+p−1 only, so the columns of one example's steps have
+disjoint supports. Its influence on C X + σR Z then splits into at most k = ⌈T/b⌉
+independent (adaptively chosen) pieces, each a Poisson-subsampled Gaussian mechanism with
+rate q and L2 sensitivity R·‖C[:, t]‖₂ ≤ R·ζ, ζ = max_t ‖C[:, t]‖₂ = ‖(c_0..c_{p−1})‖₂. The
+whole run is therefore (ε, δ)-DP as k self-composed PoissonSampled(q, Gaussian(σ/ζ))
+steps (add/remove-one adjacency, as DP-SGD's accountant), which dp-accounting computes
+(`amplified_dp_event`; dp-accounting 0.6 has no matrix-factorization event of its own).
+p > b would let the columns overlap: refused. q = 1 is cyclic participation without
+amplification and gives the same ε as `epsilon` above (√k·ζ is then sens(C)).
+
 Error: the noise in the parameters is σR·B Z, B = A C⁻¹; the *expected factorization
 error* reported here is sens(C)·‖B‖_F / √n (root-mean-squared over steps, per unit of the
 Gaussian noise multiplier σ/sens: the quantity the BSR paper bounds), and
@@ -66,7 +83,8 @@ __all__ = [
     "workload_coefficients", "central_binomial_ratios", "sqrt_coefficients", "sqrt_coefficients_exact",
     "toeplitz", "bsr_coefficients", "check_coefficients", "sensitivity", "max_participations",
     "factorization_error", "gaussian_epsilon", "calibrate_noise_multiplier", "epsilon",
-    "optimize_banded_toeplitz", "CorrelatedNoise",
+    "optimize_banded_toeplitz", "CorrelatedNoise", "max_column_norm", "check_amplified", "amplified_dp_event",
+    "amplified_epsilon", "calibrate_amplified_noise_multiplier", "expected_error", "MECHANISMS",
 ]
 
 _MONOTONE_TOL = 1e-12  # relative slack for round-off in closed-form coefficients
@@ -195,6 +213,66 @@ def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, coeff
     return mu * sensitivity(coefficients, steps, min_separation, participations) * (1 + 1e-9)
 
 
+# --- amplified banded MF: cyclic Poisson participation ------------------------------------
+def max_column_norm(coefficients: Sequence[float], steps: int) -> float:
+    """ζ = max_t ‖C[:, t]‖₂ of the steps×steps banded Toeplitz C: the first column's norm."""
+    c = np.asarray(check_coefficients(coefficients))
+    return float(np.linalg.norm(c[:max(1, min(c.size, int(steps)))]))
+
+
+def check_amplified(coefficients: Sequence[float], groups: int, sample_rate: float) -> tuple[float, ...]:
+    """Refuse settings the amplified analysis does not cover: p > b bands, q outside (0, 1]."""
+    c = check_coefficients(coefficients)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise DPCompileError(f"dpcompile amplified BSR: the number of groups b must be an int >= 1, got {groups!r}")
+    if len(c) > groups:
+        raise DPCompileError(
+            f"dpcompile amplified BSR: the factorization has {len(c)} bands but the data is split into only "
+            f"{groups} groups; the amplified accounting needs bands <= groups (an example's steps are b apart, "
+            "and only then do the columns of C it touches not overlap). Use bands <= groups or more groups")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+        raise DPCompileError(f"dpcompile amplified BSR: the per-group Poisson rate q must be in (0, 1], got "
+                             f"{sample_rate!r}")
+    return c
+
+
+def amplified_dp_event(noise_multiplier: float, coefficients: Sequence[float], steps: int, groups: int,
+                       sample_rate: float):
+    """The dp-accounting event of `steps` amplified banded releases: k = ⌈steps/b⌉ self-composed
+    PoissonSampled(q, Gaussian(σ/ζ)) (a plain Gaussian at q = 1)."""
+    from .accounting import _dp_event
+
+    check_amplified(coefficients, groups, sample_rate)
+    k = max_participations(steps, groups)
+    return _dp_event([(noise_multiplier / max_column_norm(coefficients, steps), float(sample_rate), k)])
+
+
+def amplified_epsilon(noise_multiplier: float, coefficients: Sequence[float], steps: int, delta: float,
+                      groups: int, sample_rate: float, mechanism: str = "pld") -> float:
+    """ε after `steps` releases of C X + σR Z under cyclic Poisson participation (b groups, rate q)."""
+    from .accounting import _check_delta, _epsilon
+
+    check_amplified(coefficients, groups, sample_rate)
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    mu = noise_multiplier / max_column_norm(coefficients, steps)
+    return _epsilon(((mu, float(sample_rate), max_participations(steps, groups)),), _check_delta(delta), mechanism)
+
+
+def calibrate_amplified_noise_multiplier(target_epsilon: float, target_delta: float,
+                                         coefficients: Sequence[float], steps: int, groups: int,
+                                         sample_rate: float, mechanism: str = "pld") -> float:
+    """σ with amplified ε(σ) ≤ target over `steps` steps: σ = μ·ζ, μ calibrated for ⌈steps/b⌉ rate-q steps."""
+    from .accounting import calibrate_noise_multiplier as calibrate_gaussian
+
+    check_amplified(coefficients, groups, sample_rate)
+    mu = calibrate_gaussian(target_epsilon, target_delta, float(sample_rate), max_participations(steps, groups),
+                            mechanism=mechanism)
+    return mu * max_column_norm(coefficients, steps) * (1 + 1e-9)
+
+
 # --- error of a factorization -------------------------------------------------------------
 def _series_quotient(numerator: np.ndarray, coefficients: Sequence[float]) -> np.ndarray:
     """First column of A C⁻¹ (= series a(x)/c(x)) for Toeplitz A, C."""
@@ -206,6 +284,14 @@ def _series_quotient(numerator: np.ndarray, coefficients: Sequence[float]) -> np
     return out
 
 
+def _noise_shape(coefficients: Sequence[float], steps: int, momentum: float,
+                 weight_decay: float) -> tuple[float, float]:
+    """(‖A C⁻¹‖_F/√n, max_t ‖(A C⁻¹)_t‖₂): the error per unit of noise std added to C X."""
+    b = _series_quotient(workload_coefficients(steps, momentum, weight_decay), coefficients)
+    frob_sq = float(np.sum((steps - np.arange(steps)) * b ** 2))  # b_k appears on n − k diagonals
+    return math.sqrt(frob_sq / steps), float(np.sqrt(np.sum(b ** 2)))  # the last row is the longest
+
+
 def factorization_error(coefficients: Sequence[float], steps: int, momentum: float = 0.0,
                         weight_decay: float = 0.0, min_separation: int = 1,
                         participations: int | None = None) -> dict[str, float]:
@@ -214,12 +300,44 @@ def factorization_error(coefficients: Sequence[float], steps: int, momentum: flo
     rmse = sens(C)·‖A C⁻¹‖_F/√n and max = sens(C)·max_t ‖(A C⁻¹)_t‖₂. Multiply by σ/sens
     (the calibrated Gaussian multiplier μ) and R for the noise std the parameters see.
     """
-    a = workload_coefficients(steps, momentum, weight_decay)
-    b = _series_quotient(a, coefficients)
-    frob_sq = float(np.sum((steps - np.arange(steps)) * b ** 2))  # b_k appears on n − k diagonals
+    rmse, worst = _noise_shape(coefficients, steps, momentum, weight_decay)
     sens = sensitivity(coefficients, steps, min_separation, participations)
-    return {"sensitivity": sens, "rmse": sens * math.sqrt(frob_sq / steps),
-            "max": sens * float(np.sqrt(np.sum(b ** 2)))}  # the last row is the longest
+    return {"sensitivity": sens, "rmse": sens * rmse, "max": sens * worst}
+
+
+MECHANISMS = ("dpsgd", "bsr", "amplified")
+
+
+def expected_error(mechanism: str, target_epsilon: float, target_delta: float, steps: int, *,
+                   coefficients: Sequence[float] = (1.0,), groups: int = 1, sample_rate: float = 1.0,
+                   momentum: float = 0.0, weight_decay: float = 0.0, accountant: str = "pld") -> dict[str, float]:
+    """Expected error of a mechanism at equal (ε, δ) over `steps` steps, per unit clipping bound R.
+
+    The noise the parameters see is σR·A C⁻¹ Z for the workload A (prefix sums by default;
+    SGD momentum β and decay λ otherwise); this returns σ and
+    rmse = σ·‖A C⁻¹‖_F/√n (root of the mean squared error over steps) and max = σ·max_t ‖(A C⁻¹)_t‖₂
+    (root of the worst step's squared error), with σ calibrated for the mechanism's accounting:
+
+    * "dpsgd": C = I, Poisson rate `sample_rate` every step (`coefficients` ignored);
+    * "bsr": banded Toeplitz C, `groups` = b-min-separation (cyclic batches), no amplification;
+    * "amplified": banded Toeplitz C, b = `groups` groups, Poisson rate `sample_rate` within one.
+    """
+    if mechanism == "dpsgd":
+        from .accounting import calibrate_noise_multiplier as calibrate_gaussian
+
+        coefficients = (1.0,)
+        sigma = calibrate_gaussian(target_epsilon, target_delta, float(sample_rate), steps, mechanism=accountant)
+    elif mechanism == "bsr":
+        sigma = calibrate_noise_multiplier(target_epsilon, target_delta, coefficients, steps, groups,
+                                           mechanism=accountant)
+    elif mechanism == "amplified":
+        sigma = calibrate_amplified_noise_multiplier(target_epsilon, target_delta, coefficients, steps, groups,
+                                                     sample_rate, mechanism=accountant)
+    else:
+        raise DPCompileError(f"dpcompile.bsr.expected_error: mechanism must be one of {MECHANISMS}, got "
+                             f"{mechanism!r}")
+    rmse, worst = _noise_shape(coefficients, steps, momentum, weight_decay)
+    return {"sigma": sigma, "rmse": sigma * rmse, "max": sigma * worst}
 
 
 def optimize_banded_toeplitz(bands: int, steps: int, momentum: float = 0.0, weight_decay: float = 0.0,

@@ -19,7 +19,8 @@ dpcompile does not build the loader): a loader with a fixed batch size is refuse
 
 `CyclicBatchSampler` is the other schema: fixed-order cyclic batches, for the BSR
 correlated-noise mechanism (`dpcompile.privacy.bsr`), whose accounting needs each example to take
-part at most once every b steps rather than Poisson sampling.
+part at most once every b steps rather than Poisson sampling. `CyclicPoissonBatchSampler`
+combines both for the amplified banded mechanism: b fixed groups, group t mod b Poisson-sampled.
 
 Randomness comes from a `torch.Generator` (the global torch RNG if none is given), which is
 a statistical, not a cryptographic, generator -- as in most DP-SGD implementations.
@@ -37,7 +38,8 @@ from torch.utils.data._utils.collate import default_collate, default_convert
 
 from ..errors import DPCompileError
 
-__all__ = ["PoissonBatchSampler", "PoissonDataLoader", "poisson_loader", "PoissonAudit", "CyclicBatchSampler"]
+__all__ = ["PoissonBatchSampler", "PoissonDataLoader", "poisson_loader", "PoissonAudit", "CyclicBatchSampler",
+           "CyclicPoissonBatchSampler"]
 
 
 def _check_sample_rate(sample_rate: Any) -> float:
@@ -429,3 +431,32 @@ class CyclicBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter([list(b) for b in self.batches])
+
+
+class CyclicPoissonBatchSampler:
+    """Cyclic Poisson participation: the schema of the amplified banded mechanism.
+
+    The N indices are split once, by a random permutation drawn from ``seed``, into
+    ``num_groups`` = b disjoint groups (sizes ⌊N/b⌋ or ⌈N/b⌉, the partition of
+    `CyclicBatchSampler`); step t draws each index of group t mod b independently with
+    probability ``sample_rate`` = q. The draw of step t is a pure function of (seed, t), so a
+    run resumed at step t draws what an uninterrupted one would. The seed must stay secret
+    (it is the privacy state's). An example takes part at most once every b steps, in at most
+    ⌈T/b⌉ of the first T, each time with probability q: what `dpcompile.privacy.bsr.amplified_epsilon`
+    assumes. Batches may be empty (probability (1 − q)^{N/b} a step).
+    """
+
+    def __init__(self, num_samples: int, num_groups: int, sample_rate: float, seed: int) -> None:
+        self.sample_rate = _check_sample_rate(sample_rate)
+        self.seed = int(seed)
+        self.groups = CyclicBatchSampler(num_samples, num_groups, torch.Generator().manual_seed(self.seed)).batches
+        self.num_groups = len(self.groups)
+
+    def batch(self, step: int) -> list[int]:
+        """The Poisson draw of step `step` from group step mod b (sorted indices)."""
+        from .rng import stream_seed
+
+        group = self.groups[step % self.num_groups]
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, step, "cyclic-poisson"))
+        included = torch.rand(len(group), generator=generator) < self.sample_rate
+        return [index for index, keep in zip(group, included.tolist()) if keep]

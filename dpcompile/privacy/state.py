@@ -205,10 +205,14 @@ class PrivacyState:
         return self.bsr.draw(stream, numel, device, self.steps, gaussian)
 
     def _bsr_epsilon(self, delta: float) -> float:
-        """ε of the C X + σR Z release after self.steps steps (b-min-separation, zero-out adjacency)."""
-        from .bsr import epsilon
+        """ε of the C X + σR Z release after self.steps steps (b-min-separation, zero-out adjacency; or
+        cyclic Poisson participation with bsr_sample_rate)."""
+        from .bsr import amplified_epsilon, epsilon
 
         opts = self.options
+        if opts.bsr_sample_rate is not None:  # cyclic Poisson participation: amplified banded accounting
+            return amplified_epsilon(opts.noise_multiplier, self.bsr.coefficients, self.steps, delta,
+                                     opts.bsr_min_separation, opts.bsr_sample_rate, opts.accountant)
         return epsilon(opts.noise_multiplier, self.bsr.coefficients, self.steps, delta,
                        opts.bsr_min_separation or 1, opts.bsr_max_participations, opts.accountant)
 
@@ -229,7 +233,8 @@ class PrivacyState:
                 "dpcompile: noise_mechanism='bsr' through torch.compile: BSR's accounting assumes each example takes "
                 "part at most once every bsr_min_separation steps (fixed-order cyclic batches), which the compiled "
                 "model cannot see or check (a reshuffling DataLoader breaks it). Use dpcompile.make_private(..., "
-                "noise_mechanism='bsr', bands=p), whose loader draws the cyclic batches; nothing was released")
+                "noise_mechanism='bsr', bands=p; or noise_mechanism='amplified_bsr' for bsr_sample_rate), whose "
+                "loader draws the cyclic (Poisson) batches; nothing was released")
         if self.needs_secret:
             raise DPCompileError(
                 "dpcompile: this run was resumed from a public privacy state without its secret part, and "
@@ -474,7 +479,7 @@ class PrivacyState:
         self.needs_secret = False
 
     def _check_mechanism_options(self, saved: dict[str, Any]) -> None:
-        for key in ("noise_mechanism", "bsr_min_separation", "bsr_max_participations"):
+        for key in ("noise_mechanism", "bsr_min_separation", "bsr_max_participations", "bsr_sample_rate"):
             if saved.get(key, "gaussian" if key == "noise_mechanism" else None) != getattr(self.options, key):
                 raise DPCompileError(
                     f"dpcompile: checkpoint was made with {key}={saved.get(key)!r} but this model uses "
