@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny-model", action="store_true", help="a 1-layer 64-wide BertModel (random weights)")
     parser.add_argument("--no-inductor", action="store_true",
                         help="run the dp graphs (clipping and noise passes applied) without Inductor code generation")
+    parser.add_argument("--errors-only", action="store_true",
+                        help="only σ and the expected errors of the planned runs (accounting, no training)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run (see the module docstring)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -130,7 +132,7 @@ def train(mechanism: str, train_set: TensorDataset, args, seed: int) -> tuple[Mi
         target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm,
         max_physical_batch_size=args.physical_batch, **private_options(mechanism, args, len(train_set)))
     state = dpcompile.privacy_state(net)
-    planned = max(1, round(args.epochs * len(train_set) / args.batch_size))
+    planned = schedule(mechanism, args, len(train_set))["steps"]
     while state.steps < planned:
         for ids, mask, y in loader:
             F.cross_entropy(model(ids.to(args.device), mask.to(args.device)), y.to(args.device)).backward()
@@ -141,17 +143,27 @@ def train(mechanism: str, train_set: TensorDataset, args, seed: int) -> tuple[Mi
     return net, state, time.time() - start
 
 
-def expected_error(mechanism: str, state, args, n: int) -> dict[str, float]:
-    """The factorization's expected error at the run's (ε, δ) and step count (per unit R)."""
-    common = (args.epsilon, args.delta, state.steps)
-    opts = state.options
-    if state.bsr is None:  # dpsgd and lsg: C = I, Poisson rate q every step
-        return bsr.expected_error("dpsgd", *common, sample_rate=opts.sample_rate)
-    if opts.bsr_sample_rate is None:
-        return bsr.expected_error("bsr", *common, coefficients=state.bsr.coefficients,
-                                  groups=opts.bsr_min_separation)
-    return bsr.expected_error("amplified", *common, coefficients=state.bsr.coefficients,
-                              groups=opts.bsr_min_separation, sample_rate=opts.bsr_sample_rate)
+def schedule(mechanism: str, args, n: int) -> dict:
+    """What make_private sets up for N = n examples: the steps it calibrates σ for, and the
+    factorization (C, groups b, Poisson rate q) of `bsr.expected_error`."""
+    batches = max(1, round(n / args.batch_size))  # Poisson: 1/q steps an epoch
+    if mechanism == "bsr":
+        b = -(-n // args.batch_size)  # cyclic batches of ⌊N/b⌋ or ⌈N/b⌉
+        bands = private_options(mechanism, args, n)["bands"]
+        return {"kind": "bsr", "steps": round(args.epochs * b), "coefficients": bsr.bsr_coefficients(bands),
+                "groups": b}
+    if mechanism == "amplified":
+        return {"kind": "amplified", "steps": round(args.epochs * batches),
+                "coefficients": bsr.bsr_coefficients(args.groups), "groups": args.groups,
+                "sample_rate": args.batch_size * args.groups / n}
+    return {"kind": "dpsgd", "steps": round(args.epochs * batches), "sample_rate": args.batch_size / n}
+
+
+def expected_error(mechanism: str, args, n: int) -> dict[str, float]:
+    """σ and the expected error (rmse, max; per unit R) of a mechanism's planned run at (ε, δ)."""
+    plan = dict(schedule(mechanism, args, n))
+    kind, steps = plan.pop("kind"), plan.pop("steps")
+    return bsr.expected_error(kind, args.epsilon, args.delta, steps, **plan) | {"steps": steps}
 
 
 def compare(args) -> dict:
@@ -163,11 +175,17 @@ def compare(args) -> dict:
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "mechanisms": {}}
     for mechanism in args.mechanisms:
+        error = expected_error(mechanism, args, n)
+        if args.errors_only:
+            results["mechanisms"][mechanism] = {"epsilon": args.epsilon, "delta": args.delta, "sigma": error["sigma"],
+                                                "steps": error["steps"], "expected_rmse": error["rmse"],
+                                                "expected_max": error["max"]}
+            print(row(mechanism, results["mechanisms"][mechanism]), flush=True)
+            continue
         with capture_graphs(snapshots=False, skip_inductor=True) if args.no_inductor else contextlib.nullcontext():
             runs = [train(mechanism, train_set, args, seed) for seed in range(args.seeds)]
         accs = [accuracy(net, *test) for net, _, _ in runs]
         net, state, _ = runs[-1]
-        error = expected_error(mechanism, state, args, n)
         results["mechanisms"][mechanism] = {
             "accuracy": accs, "accuracy_mean": statistics.mean(accs),
             "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -186,15 +204,16 @@ def device_name(device: str) -> str:
 
 
 def row(mechanism: str, r: dict) -> str:
-    return (f"| {mechanism} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | {r['epsilon']:.3f} | "
-            f"{r['delta']:g} | {r['sigma']:.3f} | {r['expected_rmse']:.1f} | {r['expected_max']:.1f} | "
-            f"{r['seconds_per_run']:.0f} |")
+    accuracy = f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}" if "accuracy" in r else "–"
+    seconds = f"{r['seconds_per_run']:.0f}" if "seconds_per_run" in r else "–"
+    return (f"| {mechanism} | {accuracy} | {r['epsilon']:.3f} | {r['delta']:g} | {r['sigma']:.3f} | {r['steps']} | "
+            f"{r['expected_rmse']:.2f} | {r['expected_max']:.2f} | {seconds} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    print("| mechanism | test accuracy | ε spent | δ | σ | expected RMSE | expected max | s/run |\n"
-          "|---|---|---|---|---|---|---|---|", flush=True)
+    print("| mechanism | test accuracy | ε spent | δ | σ | steps | expected RMSE | expected max | s/run |\n"
+          "|---|---|---|---|---|---|---|---|---|", flush=True)
     results = compare(args)
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
