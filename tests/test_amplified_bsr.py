@@ -320,3 +320,45 @@ def test_an_empty_draw_is_refused_before_anything_is_released():
     assert loader.sampler.batch(refused_at) == [] and all(p.grad is None for p in net.parameters())
     assert dpcompile.privacy_spent(net, 1e-5) == bsr.amplified_epsilon(
         state.options.noise_multiplier, state.bsr.coefficients, refused_at, 1e-5, 3, state.options.bsr_sample_rate)
+
+
+def test_killed_and_resumed_run_draws_the_same_batches_and_noise(tmp_path):
+    def run(seed):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+        return (net, *dpcompile.make_private(net, opt, DataLoader(dataset(), batch_size=9), target_epsilon=3.0,
+                                             epochs=2, insecure_seed=seed, noise_mechanism="amplified_bsr", bands=3))
+
+    def train(net, model, opt, loader, stop_at=None):
+        state, trajectory = dpcompile.privacy_state(net), []
+        for x, y in loader:
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            trajectory.append([p.detach().clone() for p in net.parameters()])
+            if state.steps == stop_at:
+                break
+        return trajectory
+
+    net, model, opt, loader = run(4)
+    uninterrupted = train(net, model, opt, loader) + train(net, model, opt, loader)
+    eps = dpcompile.privacy_spent(net, 1e-5)
+    torch._dynamo.reset()
+    net, model, opt, loader = run(4)
+    train(net, model, opt, loader, stop_at=7)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
+                "secret": dpcompile.privacy_state(net).secret_state_dict()}, tmp_path / "ckpt.pt")
+    del net, model, opt, loader
+    torch._dynamo.reset()
+    net, model, opt, loader = run(999)  # another seed until the checkpoint loads
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    net.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    dpcompile.privacy_state(net).load_secret_state_dict(checkpoint["secret"])
+    assert len(loader) == 3  # the rest of epoch 1 (10 steps an epoch)
+    resumed = train(net, model, opt, loader) + train(net, model, opt, loader)
+    assert len(uninterrupted) == 20 and len(resumed) == 13
+    for a, b in zip(uninterrupted[7:], resumed):
+        assert all(torch.equal(pa, pb) for pa, pb in zip(a, b))
+    assert dpcompile.privacy_spent(net, 1e-5) == eps
