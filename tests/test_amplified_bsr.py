@@ -20,6 +20,7 @@ import dpcompile
 from dpcompile import DPCompileError, bsr
 from dpcompile.data import CyclicPoissonBatchSampler, poisson_loader
 from dpcompile.engine import CyclicDPDataLoader
+from dpcompile.inspection import format_privacy, report_of
 from dpcompile.options import DPOptions
 from models import MLP, batch_loss, oracle_clipped_sum
 from test_bsr import expected_noise, ordered_by_graph
@@ -248,6 +249,8 @@ def test_make_private_releases_clipped_sum_plus_c_inverse_noise_and_accounts_amp
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(0.3, dp_accounting.GaussianDpEvent(sigma / zeta)), math.ceil(T / 3))
     assert 2.9 < eps <= 3.0 and eps == pytest.approx(pld_epsilon(event), rel=0.01)
+    summary = report_of(net).privacy_summary()
+    assert summary["bsr_sample_rate"] == 0.3 and "cyclic Poisson groups" in format_privacy(summary)
 
 
 # --- refusals -----------------------------------------------------------------------------------

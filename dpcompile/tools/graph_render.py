@@ -275,6 +275,9 @@ def format_privacy(summary: dict[str, Any]) -> str:
 
 
 def _sampling_text(s: dict[str, Any]) -> str:
+    if s["noise_mechanism"] == "bsr" and s.get("bsr_sample_rate") is not None:
+        return (f"cyclic Poisson groups (amplified banded MF), b = {s['bsr_min_separation']} groups, group t mod b "
+                f"at rate q = {s['bsr_sample_rate']:g} (ε from dpcompile.privacy_spent after training)")
     if s["noise_mechanism"] == "bsr":
         return (f"fixed-order cyclic batches, min separation b = {s['bsr_min_separation']}, max participations "
                 f"k = {s['bsr_max_participations']} (ε from dpcompile.privacy_spent after training)")

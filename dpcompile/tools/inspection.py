@@ -358,6 +358,7 @@ class Report:
             summary["bsr_bands"] = opts.bsr_bands or len(opts.bsr_coefficients or ())
             summary["bsr_min_separation"] = opts.bsr_min_separation
             summary["bsr_max_participations"] = opts.bsr_max_participations
+            summary["bsr_sample_rate"] = opts.bsr_sample_rate
         if opts.lsg is not None:
             summary["lsg"] = dataclasses.asdict(opts.lsg)
         if opts.sample_rate and opts.noise_multiplier > 0 and opts.noise_mechanism == "gaussian":
