@@ -155,7 +155,7 @@ class DPOptions:
         (default: ⌈steps/b⌉, always true under b-min-separation).
     bsr_sample_rate: q, claims the *amplified* banded accounting (cyclic Poisson participation:
         b = bsr_min_separation disjoint groups, step t samples group t mod b with Poisson rate q;
-        `dpcompile.bsr.amplified_epsilon`). Needs bands <= b; only through
+        `dpcompile.privacy.bsr.amplified_epsilon`). Needs bands <= b; only through
         `dpcompile.make_private(noise_mechanism="amplified_bsr")`, whose loader samples that way.
     triton_kernels: on CUDA, compute each instantiated gradient's Σ_b w_b g_b + noise with
         dpcompile's Triton kernel (`dpcompile.privacy.kernels`) instead of an Inductor reduction

@@ -8,11 +8,11 @@ gets the same ε, δ, epochs, expected batch size, optimizer, learning rate and 
 * dpsgd: Poisson sampling at q = batch/N every step, independent noise (amplified DP-SGD);
 * bsr: banded square root, fixed-order cyclic batches (b = N/batch per epoch), no amplification;
 * amplified: amplified banded MF, `--groups` b fixed groups, step t Poisson-samples group
-  t mod b at rate q = batch·b/N, bands = b (`dpcompile.bsr.amplified_epsilon`);
+  t mod b at rate q = batch·b/N, bands = b (`dpcompile.privacy.bsr.amplified_epsilon`);
 * lsg: DP-SGD whose large weights release a rank-r gradient (`dpcompile.lsg`).
 
 Per mechanism it reports the test accuracy (mean ± std over seeds), ε spent, δ, σ and the
-expected error of its factorization at that ε (`dpcompile.bsr.expected_error`, prefix-sum
+expected error of its factorization at that ε (`dpcompile.privacy.bsr.expected_error`, prefix-sum
 workload: RMSE over steps and the worst step of the noise σ·A C⁻¹ Z, per unit R; LSG's is
 DP-SGD's, on fewer noised coordinates).
 
@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from transformers import AutoModel, BertConfig, BertModel  # noqa: E402
 
 import dpcompile  # noqa: E402
-from dpcompile import bsr  # noqa: E402
-from dpcompile.inspection import capture_graphs  # noqa: E402
+from dpcompile.privacy import bsr  # noqa: E402
+from dpcompile.tools.inspection import capture_graphs  # noqa: E402
 from finetune_minilm import MiniLMClassifier, accuracy, encode, load_reviews, model_dir, split_by_movie  # noqa: E402
 
 MECHANISMS = ("dpsgd", "bsr", "amplified", "lsg")

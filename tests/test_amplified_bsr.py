@@ -17,10 +17,11 @@ from scipy.special import gammaln, logsumexp
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpcompile
-from dpcompile import DPCompileError, bsr
-from dpcompile.data import CyclicPoissonBatchSampler, poisson_loader
+from dpcompile import DPCompileError
+from dpcompile.privacy import bsr
+from dpcompile.privacy.sampling import CyclicPoissonBatchSampler, poisson_loader
 from dpcompile.engine import CyclicDPDataLoader
-from dpcompile.inspection import format_privacy, report_of
+from dpcompile.tools.inspection import format_privacy, report_of
 from dpcompile.options import DPOptions
 from models import MLP, batch_loss, oracle_clipped_sum
 from test_bsr import expected_noise, ordered_by_graph

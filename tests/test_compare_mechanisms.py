@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpcompile import bsr
+from dpcompile.privacy import bsr
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -334,7 +334,7 @@ def expected_error(mechanism: str, target_epsilon: float, target_delta: float, s
         sigma = calibrate_amplified_noise_multiplier(target_epsilon, target_delta, coefficients, steps, groups,
                                                      sample_rate, mechanism=accountant)
     else:
-        raise DPCompileError(f"dpcompile.bsr.expected_error: mechanism must be one of {MECHANISMS}, got "
+        raise DPCompileError(f"dpcompile.privacy.bsr.expected_error: mechanism must be one of {MECHANISMS}, got "
                              f"{mechanism!r}")
     rmse, worst = _noise_shape(coefficients, steps, momentum, weight_decay)
     return {"sigma": sigma, "rmse": sigma * rmse, "max": sigma * worst}
