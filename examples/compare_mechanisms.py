@@ -105,7 +105,7 @@ def encoder(args) -> BertModel:
         config.update(dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
                            attn_implementation=args.attn))
         return BertModel(config, add_pooling_layer=False)
-    return AutoModel.from_pretrained(model_dir(), attn_implementation=args.attn)
+    return AutoModel.from_pretrained(model_dir(), attn_implementation=args.attn, dtype=torch.float32)
 
 
 def private_options(mechanism: str, args, n: int) -> dict:

@@ -20,6 +20,11 @@ Poisson sampling), the same model trained without privacy next to them.
 
     python examples/finetune_minilm.py            # ε=3, ε=8 and non-private (2 CPU cores: much longer than --quick)
     python examples/finetune_minilm.py --quick    # smoke run, 1000 reviews, ε=8 only, ~4 min on 2 CPU cores
+    python examples/finetune_minilm.py --full --device cuda --seeds 0 1 2 --out full.json   # every layer
+
+--full fine-tunes every layer and the embeddings with large-batch hyperparameters (Li et al.,
+2022): expected batch 1024, R = 0.1, lr 1e-3, 10 epochs; non-private: batch 32, lr 5e-5, 3 epochs
+(measured: docs/transformers.md). --summarize a.json b.json ... prints the table of earlier runs.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import bz2
 import csv
 import importlib.util
 import io
+import json
 import os
 import sys
 import time
@@ -82,14 +88,17 @@ def split_by_movie(movies, test_fraction=0.2):
 class MiniLMClassifier(nn.Module):
     """The stock transformers BertModel + mean pooling over the real tokens + Linear(384, 2).
 
-    The bottom layers and the embeddings are frozen (requires_grad=False), so no gradient, and no
-    privacy cost, flows into them; the whole stock model still runs in one compiled graph."""
+    The bottom layers and the embeddings are frozen (requires_grad=False) unless trained (`--full`:
+    every layer and the embeddings), so no gradient, and no privacy cost, flows into them; the whole
+    stock model still runs in one compiled graph."""
 
-    def __init__(self, bert: BertModel, train_layers: int, classes: int = 2):
+    def __init__(self, bert: BertModel, train_layers: int, classes: int = 2, train_embeddings: bool = False):
         super().__init__()
         self.bert = bert
         self.head = nn.Linear(bert.config.hidden_size, classes)
-        frozen = [bert.embeddings, *bert.encoder.layer[:len(bert.encoder.layer) - train_layers]]
+        frozen = [*bert.encoder.layer[:len(bert.encoder.layer) - train_layers]]
+        if not train_embeddings:
+            frozen.append(bert.embeddings)
         if bert.pooler is not None:
             frozen.append(bert.pooler)  # its output is unused: mean pooling instead
         for module in frozen:
@@ -114,11 +123,12 @@ def encode(texts, max_length):
 
 def accuracy(model, ids, mask, labels, batch_size=512) -> float:
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        preds = torch.cat([model(ids[i:i + batch_size], mask[i:i + batch_size]).argmax(1)
+        preds = torch.cat([model(ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)).argmax(1).cpu()
                            for i in range(0, len(labels), batch_size)])
     model.train()
-    return float((preds == labels).float().mean())
+    return float((preds == labels.cpu()).float().mean())
 
 
 def progress(loader, desc: str):
@@ -134,11 +144,13 @@ def log(line: str) -> None:
 def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dict]:
     torch._dynamo.reset()  # a fresh compile per run (see make_private's notes on reusing graphs)
     torch.manual_seed(args.seed)
-    bert = AutoModel.from_pretrained(model_dir(), attn_implementation=args.attn)  # fresh weights per run
-    model = MiniLMClassifier(bert, args.train_layers)
+    bert = AutoModel.from_pretrained(model_dir(), attn_implementation=args.attn,
+                                 dtype=torch.float32)  # fresh fp32 weights per run
+    model = MiniLMClassifier(bert, args.train_layers, train_embeddings=args.full).to(args.device)
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=args.lr if epsilon else args.lr_nonprivate, weight_decay=0.0)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
+    batch = args.batch_size if epsilon is not None else args.batch_size_nonprivate or args.batch_size
+    loader = DataLoader(train_set, batch_size=batch, shuffle=True)
     run_model, info = model, {"sigma": 0.0, "epsilon": float("inf")}
     if epsilon is not None:
         run_model, opt, loader = dpcompile.make_private(
@@ -148,6 +160,7 @@ def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dic
     for epoch in range(epochs):
         desc = (f"eps = {epsilon:g}" if epsilon else "non-private") + f", epoch {epoch + 1}/{epochs}"
         for ids, mask, y in progress(loader, desc):
+            ids, mask, y = ids.to(args.device), mask.to(args.device), y.to(args.device)
             F.cross_entropy(run_model(ids, mask), y).backward()  # mean over reviews
             opt.step()
             opt.zero_grad()
@@ -164,7 +177,7 @@ def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[3.0, 8.0])
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[3.0, 8.0], help="none: non-private only")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--train-layers", type=int, default=1, help="top transformer layers trained (0-6)")
     parser.add_argument("--epochs", type=int, default=4)
@@ -179,9 +192,29 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1000 train / 500 test reviews, 1 epoch")
+    parser.add_argument("--full", action="store_true",
+                        help="full fine-tune: every layer and the embeddings, with the hyperparameters below")
+    parser.add_argument("--batch-size-nonprivate", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several runs each (mean and spread)")
+    parser.add_argument("--no-nonprivate", action="store_true", help="skip the non-private reference")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="write the runs as JSON to this file")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON", help="print the table of earlier --out files")
     args = parser.parse_args()
+    if args.summarize:
+        return print_table([row for path in args.summarize for row in json.loads(Path(path).read_text())["runs"]],
+                           json.loads(Path(args.summarize[0]).read_text())["delta"])
+    if args.full:  # Li et al. (2022): large logical batches, few epochs, a larger lr for DP, small R
+        args.train_layers = 6
+        defaults = parser.parse_args([])
+        for name, value in {"batch_size": 1024, "epochs": 10, "lr": 1e-3, "max_grad_norm": 0.1,
+                            "lr_nonprivate": 5e-5, "epochs_nonprivate": 3, "batch_size_nonprivate": 32,
+                            "physical_batch": 1024}.items():
+            if getattr(args, name) == getattr(defaults, name):
+                setattr(args, name, value)
     if args.quick:
         args.epochs, args.epochs_nonprivate, args.train_size, args.epsilons = 1, 1, 1000, [8.0]
+        args.batch_size, args.physical_batch = min(args.batch_size, 256), min(args.physical_batch, 256)
     torch.manual_seed(args.seed)
 
     start = time.time()
@@ -200,19 +233,35 @@ def main() -> None:
           f"{float(labels[train_idx].float().mean()):.2f} fresh); MiniLM-L6, top {args.train_layers} layers + head "
           f"trained; tokenised in {time.time() - start:.0f}s")
 
-    rows = []
-    for eps in [*args.epsilons, None]:
-        t0 = time.time()
-        model, info = train(train_set, args, eps)
-        acc = accuracy(model, *test)
-        rows.append((eps, acc, info, time.time() - t0))
-        label = f"eps = {eps:g}" if eps is not None else "non-private"
-        extra = f"sigma = {info['sigma']:.2f}, {info['steps']} steps, spent eps = {info['epsilon']:.2f}" if eps else ""
-        print(f"{label:12s} test accuracy {acc:.3f}  ({time.time() - t0:.0f}s) {extra}")
-    print("\n| privacy | test accuracy | sigma | train time |\n|---|---|---|---|")
-    for eps, acc, info, secs in rows:
-        name = f"ε = {eps:g}, δ = {args.delta:g}" if eps is not None else "non-private"
-        print(f"| {name} | {acc:.3f} | {info['sigma']:.2f} | {secs:.0f} s |")
+    runs = []
+    for seed in args.seeds or [args.seed]:
+        args.seed = seed
+        for eps in [*args.epsilons, *([] if args.no_nonprivate else [None])]:
+            t0 = time.time()
+            model, info = train(train_set, args, eps)
+            acc = accuracy(model, *test)
+            runs.append({"epsilon_target": eps, "seed": seed, "accuracy": acc, "seconds": time.time() - t0, **info})
+            label = f"eps = {eps:g}" if eps is not None else "non-private"
+            extra = (f"sigma = {info['sigma']:.2f}, {info['steps']} steps, spent eps = {info['epsilon']:.2f}"
+                     if eps else "")
+            print(f"{label:12s} seed {seed} test accuracy {acc:.3f}  ({time.time() - t0:.0f}s) {extra}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"delta": args.delta, "args": vars(args), "runs": runs}, indent=1,
+                                             default=str))
+    print_table(runs, args.delta)
+
+
+def print_table(runs: list[dict], delta: float) -> None:
+    """One row per privacy level: accuracy mean ± standard deviation over the seeds."""
+    print("\n| privacy | test accuracy (mean ± std) | seeds | sigma | steps | train time |\n|---|---|---|---|---|---|")
+    levels = sorted({r["epsilon_target"] for r in runs}, key=lambda e: (e is None, e or 0))
+    for eps in levels:
+        rs = [r for r in runs if r["epsilon_target"] == eps]
+        accs = torch.tensor([r["accuracy"] for r in rs], dtype=torch.float64)
+        spread = float(accs.std()) if len(rs) > 1 else 0.0
+        name = f"ε = {eps:g}, δ = {delta:g}" if eps is not None else "non-private"
+        print(f"| {name} | {float(accs.mean()):.3f} ± {spread:.3f} | {len(rs)} | {rs[0]['sigma']:.2f} | "
+              f"{rs[0].get('steps', '-')} | {sum(r['seconds'] for r in rs) / len(rs):.0f} s |")
 
 
 if __name__ == "__main__":
