@@ -32,7 +32,8 @@ import torch
 
 from ..errors import DPCompileError
 from ..options import DPOptions
-from ..privacy.state import SECRET_OPTIONS, STATE_ATTR, PrivacyState, own_module, state_of_module
+from ..privacy.state import (SECRET_OPTIONS, STATE_ATTR, PrivacyState, own_module, refuse_sharded_blocks,
+                             state_of_module)
 
 STATE_KEY = "__dpcompile_state__"  # weakref to the module's PrivacyState, in the options the backend receives
 _ORIGINAL_OPTIMIZE = None
@@ -97,7 +98,7 @@ class _PrivateDecorator:
             compiled.__class__ = _private_class(type(compiled))
             state.compiled_module = weakref.ref(compiled)
             return compiled
-        return _private_function(compiled, state)  # nn.Module.compile(): the compiled _call_impl
+        return _private_function(compiled, state, owner=weakref.ref(module))  # nn.Module.compile(): the compiled _call_impl
 
     def _function(self, fn: Any) -> Any:
         """A compiled function: at each call the modules it takes or names are guarded with the
@@ -189,14 +190,20 @@ class PrivateModule:
                 "dpcompile: this compiled model has no privacy state of its own: it is a copy (copy.deepcopy) of a "
                 "compiled private model, whose state stays with the original. Compile the copy itself: "
                 "torch.compile(copy._orig_mod, backend='dp', options=...), or evaluate it under torch.no_grad()")
+        if torch.is_grad_enabled():  # fully_shard applied to blocks after torch.compile
+            refuse_sharded_blocks(self._orig_mod)
         return _call_privately(super().__call__, state, args, kwargs)
 
 
-def _private_function(compiled: Any, state: PrivacyState | None, fn: Any = None, options: dict | None = None) -> Any:
+def _private_function(compiled: Any, state: PrivacyState | None, fn: Any = None, options: dict | None = None,
+                      owner: "weakref.ref[torch.nn.Module] | None" = None) -> Any:
+    """`owner`: the module whose nn.Module.compile() made `compiled` (weak: it holds `compiled`)."""
     eager_state: list[PrivacyState] = []  # made at the first call that runs no dp graph
 
     @functools.wraps(compiled)
     def call(*args: Any, **kwargs: Any) -> Any:
+        if owner is not None and owner() is not None and torch.is_grad_enabled():
+            refuse_sharded_blocks(owner())  # fully_shard applied to blocks after module.compile()
         used: list[PrivacyState] = []
         out = _call_privately(compiled, state, args, kwargs, used)
         if fn is None or state is not None:

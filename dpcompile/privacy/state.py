@@ -530,7 +530,7 @@ def _run_first(param: torch.Tensor, hook_id: int) -> None:
 def own_module(module: torch.nn.Module, state: "PrivacyState") -> None:
     """Make `state` the privacy state of `module`: found from the module and from each of its
     parameters (the graphs' parameter sources), every trainable parameter guarded."""
-    _refuse_sharded_submodules(module)
+    refuse_sharded_submodules(module)
     _STATE_OF_MODULE[module] = state
     for name, p in module.named_parameters():
         setattr(p, STATE_ATTR, state)
@@ -539,16 +539,34 @@ def own_module(module: torch.nn.Module, state: "PrivacyState") -> None:
     guard_parameters(module.parameters())
 
 
-def _refuse_sharded_submodules(module: torch.nn.Module) -> None:
+def refuse_sharded_submodules(module: torch.nn.Module) -> None:
+    """At torch.compile time: refuse FSDP2 modules or DTensor parameters in `module`."""
     sharded = next((f"{name or type(module).__name__} ({type(m).__name__})" for name, m in module.named_modules()
                     if type(m).__name__.startswith("FSDP")
                     or any(type(p).__name__ == "DTensor" for p in m.parameters(recurse=False))), None)
     if sharded is not None:
-        raise DPCompileError(
-            f"dpcompile: {sharded} inside the compiled model is sharded by FSDP (fully_shard / DTensor "
-            "parameters): FSDP's hooks run outside the compiled graphs, so per-sample norms would miss the "
-            "sharded parameters. Shard the compiled model as one unit instead: "
-            "fully_shard(torch.compile(model, backend='dp', options=...)), or use DDP.")
+        _refuse_sharded(sharded)
+
+
+def refuse_sharded_blocks(module: torch.nn.Module) -> None:
+    """At every training forward: refuse FSDP2 modules strictly inside the compiled `module`.
+
+    ``fully_shard`` applied to blocks *after* torch.compile swaps in parameters that no dp graph
+    or gradient guard knows, and Dynamo runs the sharded blocks eagerly: their gradients would
+    reach ``p.grad`` unclipped. (The root itself may be FSDP: one-unit sharding, supported.)"""
+    sharded = next((f"{name} ({type(m).__name__})" for name, m in module.named_modules()
+                    if name and type(m).__name__.startswith("FSDP")), None)
+    if sharded is not None:
+        _refuse_sharded(sharded)
+
+
+def _refuse_sharded(what: str) -> None:
+    raise DPCompileError(
+        f"dpcompile: {what} inside the compiled model is sharded by FSDP (fully_shard / DTensor "
+        "parameters): per-block fully_shard is not supported yet (FSDP's hooks run outside the compiled "
+        "graphs, so per-sample norms and clipping would miss the sharded parameters; docs/distributed.md, "
+        "'Per-block sharding'). Shard the compiled model as one unit instead: "
+        "fully_shard(torch.compile(model, backend='dp', options=...)), or use DDP.")
 
 
 def state_of_module(module: torch.nn.Module) -> "PrivacyState | None":
