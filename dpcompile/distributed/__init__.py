@@ -58,7 +58,9 @@ Supported patterns:
 * ``fully_shard(torch.compile(model, backend="dp", options=...))`` (FSDP2, the compiled model as
   one unit): FSDP's hooks all-gather around the compiled forward and its reduce-scatter averages,
   so it is DDP's "mean" algebra over the shard group (`_check_fsdp`). ``fully_shard`` on modules
-  inside the compiled model is not supported: Dynamo runs them eagerly, outside the dp graphs.
+  inside the compiled model (per-block sharding) is refused, whether applied before torch.compile
+  or after it: Dynamo runs them eagerly, outside the dp graphs (docs/distributed.md, "Per-block
+  sharding", for the planned design and its memory, `sharding_memory`).
 """
 from __future__ import annotations
 
@@ -449,3 +451,35 @@ def _check_fsdp(fsdp: Any, state: Any, ctx: Any) -> None:
             "dpcompile: a releasing backward (the step's noise) runs with FSDP's gradient sync off "
             "(set_requires_gradient_sync(False)): its gradient would not be reduced. Turn sync off only for "
             "accumulation micro-steps (privacy_state(model).release_next = False) and back on for the last one")
+
+
+# ----------------------------------------------------------------------------- memory per rank
+
+def shard_bytes(shapes: Iterable[torch.Size], world_size: int, element_size: int = 4) -> int:
+    """Bytes of the largest FSDP2 shard (rank 0's) of parameters with these shapes.
+
+    FSDP2 splits each parameter along dim 0 into chunks of ceil(d0 / W) rows (the last ranks
+    get fewer, or none)."""
+    total = 0
+    for shape in shapes:
+        rows = shape[0] if len(shape) else 1
+        total += -(-rows // world_size) * (torch.Size(shape).numel() // max(rows, 1))
+    return total * element_size
+
+
+def sharding_memory(units: list[list[torch.Size]], world_size: int, element_size: int = 4,
+                    optimizer_states: int = 2, hold_block_grads: bool = False) -> dict[str, int]:
+    """Parameter, gradient and optimizer bytes on the busiest rank, by FSDP2 unit layout.
+
+    units: the trainable parameter shapes of each ``fully_shard`` unit (one-unit sharding: a
+    single unit with all of them). At rest every rank holds its shards of parameters, gradients
+    and `optimizer_states` optimizer tensors per parameter (2: Adam). During the forward and
+    backward FSDP2 all-gathers one unit at a time and prefetches the next: the two largest units
+    are unsharded at once. A unit's gradient is unsharded from its backward to its
+    reduce-scatter; `hold_block_grads` keeps every unit's until the last one is reduced (what
+    flat clipping needs if clipped gradients wait for the global per-sample norms)."""
+    sharded = sum(shard_bytes(u, world_size, element_size) for u in units)
+    full = sorted((sum(torch.Size(s).numel() for s in u) * element_size for u in units), reverse=True)
+    grads_in_flight = sum(full) if hold_block_grads else full[0]
+    return {"params_at_rest": sharded, "grads_at_rest": sharded, "optimizer": optimizer_states * sharded,
+            "peak_params": sharded + sum(full[:2]), "peak_grads": sharded + grads_in_flight}
