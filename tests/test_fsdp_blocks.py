@@ -160,10 +160,13 @@ def test_sharding_memory_per_block_against_one_unit():
     assert one_unit["optimizer"] == 2 * one_unit["params_at_rest"]
 
 
-def test_blocks_sharded_after_module_compile_are_refused():
-    """nn.Module.compile(backend="dp"), then fully_shard per block and on the root (one-rank gloo
-    group in a process of its own): refused at the training forward, nothing in p.grad.
-    Without the check the sharded blocks ran eagerly and released unclipped gradients."""
+@pytest.mark.parametrize("how", ["compiled = torch.compile(net, backend='dp', options=OPTIONS)",
+                                 "net.compile(backend='dp', options=OPTIONS); compiled = net"])
+def test_blocks_sharded_after_compiling_a_plain_container_are_refused(how):
+    """torch.compile or nn.Module.compile of an nn.Sequential, then fully_shard per block and on
+    the root (a one-rank gloo group in a process of its own): refused at the training forward,
+    nothing in p.grad. Dynamo compiles no graph for this forward, so no dp backend check runs:
+    before the forward check the sharded blocks released unclipped gradients."""
     import subprocess
     import sys
 
@@ -173,19 +176,20 @@ def test_blocks_sharded_after_module_compile_are_refused():
         "from dpcompile import DPCompileError\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'])\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        f"OPTIONS = {OPTIONS!r}\n"
         "net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))\n"
-        "net.compile(backend='dp', options={'noise_multiplier': 1.0, 'expected_batch_size': 4.0})\n"
-        "fully_shard(net[0]); fully_shard(net[2]); fully_shard(net)\n"
+        f"{how}\n"
+        "fully_shard(net[0]); fully_shard(net[2]); fully_shard(compiled)\n"
         "try:\n"
-        "    net(torch.randn(4, 4)).sum().backward()\n"
+        "    compiled(torch.randn(4, 4)).sum().backward()\n"
         "    print('accepted')\n"
         "except DPCompileError as e:\n"
         "    print(e)\n"
         "print('grads', sum(p.grad is not None for p in net.parameters()))\n"
         "with torch.no_grad():\n"
-        "    print('evaluation', tuple(net(torch.randn(4, 4)).shape))  # no gradient: allowed\n"
+        "    print('evaluation', tuple(compiled(torch.randn(4, 4)).shape))  # no gradient: allowed\n"
         "dist.destroy_process_group()\n")
-    env = {**os.environ, "PORT": str(29500 + os.getpid() % 200)}
+    env = {**os.environ, "PORT": str(29500 + (os.getpid() + len(how)) % 200)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "0 (FSDPLinear) inside the compiled model is sharded by FSDP" in out.stdout, out.stdout
