@@ -98,7 +98,8 @@ class _PrivateDecorator:
             compiled.__class__ = _private_class(type(compiled))
             state.compiled_module = weakref.ref(compiled)
             return compiled
-        return _private_function(compiled, state, owner=weakref.ref(module))  # nn.Module.compile(): the compiled _call_impl
+        # nn.Module.compile(): the compiled _call_impl
+        return _private_function(compiled, state, owner=weakref.ref(module))
 
     def _function(self, fn: Any) -> Any:
         """A compiled function: at each call the modules it takes or names are guarded with the
