@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import dpcompile
 from dpcompile.distributed import shard_bytes, sharding_memory
-from dpcompile.state import state_of_module
+from dpcompile.privacy.state import state_of_module
 
 OPTIONS = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_batch_size": 4.0}
 transformers = pytest.importorskip("transformers")
