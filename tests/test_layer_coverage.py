@@ -243,9 +243,11 @@ def test_embedding_bag_offsets_form_clips_like_the_oracle(mode, weights, config)
     assert_plan(plan, config[0])
 
 
-def test_padding_rows_get_no_noise_and_stay_put():
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_padding_rows_get_no_noise_and_stay_put(graph_break):
     """Every sample's gradient is zero on a padding_idx row: released as exact zeros, without
-    noise (those rows are fixed by the model, not the data: sensitivity 0)."""
+    noise (those rows are fixed by the model, not the data: sensitivity 0); also when a graph
+    break makes the runtime clip and noise after the whole backward."""
     torch.manual_seed(2)
 
     class Padded(nn.Module):
@@ -255,7 +257,10 @@ def test_padding_rows_get_no_noise_and_stay_put():
             self.head = nn.Linear(8, 3)
 
         def forward(self, tokens):
-            return self.head(torch.cat([self.emb(tokens).mean(1), self.bag(tokens)], 1))
+            features = torch.cat([self.emb(tokens).mean(1), self.bag(tokens)], 1)
+            if graph_break:
+                torch._dynamo.graph_break()
+            return self.head(features)
 
     for strategy in STRATEGIES:
         model = Padded()

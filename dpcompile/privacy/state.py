@@ -343,7 +343,7 @@ class PrivacyState:
 
     def _release_deferred(self, pending) -> None:
         from ..distributed import graph_scalars
-        from .per_sample import clip_weights, noise_scales, privatize, weighted_sum
+        from .per_sample import clip_weights, noise_scales, privatize, weighted_sum, zero_rows
 
         opts = self.options
         total = sum(sq for _, sq, _ in pending)
@@ -356,10 +356,13 @@ class PrivacyState:
         ordered = sorted(pending, key=lambda item: item[0].noise_key)
         noises = iter(self._deferred_noise([ps[0].numel() for _, _, grads in ordered for ps in grads], device))
         for ctx, _, per_sample_grads in ordered:
-            for position, ps in zip(ctx.plan["deferred_positions"], per_sample_grads):
+            rows_of = ctx.plan.get("deferred_zero_rows", [[]] * len(per_sample_grads))
+            for position, ps, rows in zip(ctx.plan["deferred_positions"], per_sample_grads, rows_of):
                 param = ctx.params[position]
                 clipped = weighted_sum(weights, ps)
                 grad = privatize(clipped, next(noises), 0, std).to(param.dtype)
+                if rows:  # padding rows: zero in every sample's gradient, so released without noise
+                    grad = zero_rows(grad, rows)
                 if not self.release_next:
                     self._accumulate(param, grad)
                     continue

@@ -148,6 +148,7 @@ def _defer(gm: fx.GraphModule, ctx: CompileContext, grads: list[ParamGrad], tota
         outputs[g.position] = None
     out_node.args = (tuple(outputs) + (total, *per_sample_grads),)
     ctx.plan["deferred_positions"] = [g.position for g in grads]
+    ctx.plan["deferred_zero_rows"] = [g.zero_rows for g in grads]  # released unnoised, as `noise` does
     ctx.extra_outputs = ["sample_sq_norms"] + [f"per_sample_grad:{g.name}" for g in grads]
     _trim_tuple_sites(gm.graph)
     gm.graph.eliminate_dead_code()
