@@ -76,7 +76,7 @@ def test_a_trained_private_model_deep_copies_without_its_privacy_state():
 def _record_compiles(monkeypatch, record=lambda gm, example_inputs: (gm, list(example_inputs))) -> list:
     """What `record(gm, example_inputs)` returns for each graph the dp backend hands to Inductor
     (forward, then backward), in order."""
-    from dpcompile.compiler import dp
+    from dpcompile.compiler import backend as dp
 
     seen, compile_graph = [], dp._compile_graph
 
@@ -125,7 +125,7 @@ def test_per_sample_gemms_read_transposed_operands_in_place(monkeypatch):
     (a copy is a full transposed pass over every layer's output gradient). Static and symbolic B.
     Views that need a copy still get one, with the right values."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    from dpcompile.compiler import dp
+    from dpcompile.compiler import backend as dp
 
     graphs = _record_compiles(monkeypatch, lambda gm, example_inputs: gm)
     torch._dynamo.reset()
