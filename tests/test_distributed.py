@@ -14,13 +14,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpcompile
+from ranks import run_ranks
 from dpcompile import DPCompileError
 
 WORLD = 2
@@ -327,18 +327,7 @@ def rank_0_only_hook(state, bucket):
 
 
 def spawn(tmp_path) -> list[dict]:
-    context = mp.start_processes(worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    try:
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=240)
-        while not context.join(timeout=5):
-            if datetime.datetime.now() > deadline:
-                pytest.fail("distributed workers did not finish in time")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(worker, (str(tmp_path / "store"), str(tmp_path)), WORLD, tmp_path)
 
 
 # ----------------------------------------------------------------------------- the test

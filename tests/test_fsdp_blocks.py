@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dpcompile
+from ranks import run_ranks
 from dpcompile.distributed import shard_bytes, sharding_memory
 from dpcompile.privacy.state import state_of_module
 
@@ -110,18 +110,7 @@ def worker(rank: int, world: int, store: str, out_dir: str) -> None:
 
 
 def spawn(tmp_path, world: int) -> list[list[dict]]:
-    context = mp.start_processes(worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
-                                 join=False, start_method="spawn")
-    try:
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=240)
-        while not context.join(timeout=2):
-            if datetime.datetime.now() > deadline:
-                pytest.fail("distributed workers did not finish in time")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_ranks(worker, (world, str(tmp_path / "store"), str(tmp_path)), world, tmp_path)
 
 
 @pytest.mark.parametrize("world", [2, 4])
