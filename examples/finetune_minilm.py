@@ -24,7 +24,8 @@ Poisson sampling), the same model trained without privacy next to them.
 
 --full fine-tunes every layer and the embeddings with large-batch hyperparameters (Li et al.,
 2022): expected batch 1024, R = 0.1, lr 1e-3, 10 epochs; non-private: batch 32, lr 5e-5, 3 epochs
-(measured: docs/transformers.md). --summarize a.json b.json ... prints the table of earlier runs.
+(measured: docs/transformers.md). `--schedule linear` decays the learning rate linearly to 0
+over the run (both the private and the non-private run). --summarize a.json b.json ... prints the table of earlier runs.
 """
 from __future__ import annotations
 
@@ -151,12 +152,13 @@ def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dic
     opt = torch.optim.AdamW(trained, lr=args.lr if epsilon else args.lr_nonprivate, weight_decay=0.0)
     batch = args.batch_size if epsilon is not None else args.batch_size_nonprivate or args.batch_size
     loader = DataLoader(train_set, batch_size=batch, shuffle=True)
-    run_model, info = model, {"sigma": 0.0, "epsilon": float("inf")}
+    run_model, info, base_opt = model, {"sigma": 0.0, "epsilon": float("inf")}, opt
     if epsilon is not None:
         run_model, opt, loader = dpcompile.make_private(
             model, opt, loader, target_epsilon=epsilon, target_delta=args.delta, epochs=args.epochs,
             max_grad_norm=args.max_grad_norm, max_physical_batch_size=args.physical_batch)
     epochs = args.epochs if epsilon is not None else args.epochs_nonprivate
+    schedule = lr_schedule(base_opt, args.schedule, epochs * len(loader))
     for epoch in range(epochs):
         desc = (f"eps = {epsilon:g}" if epsilon else "non-private") + f", epoch {epoch + 1}/{epochs}"
         for ids, mask, y in progress(loader, desc):
@@ -164,6 +166,8 @@ def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dic
             F.cross_entropy(run_model(ids, mask), y).backward()  # mean over reviews
             opt.step()
             opt.zero_grad()
+            if epsilon is None or dpcompile.privacy_state(model).last_backward_released:
+                schedule.step()  # once per logical batch (make_private's micro-batches step once)
         if epsilon is not None:
             log(f"epoch {epoch + 1}: eps = {dpcompile.privacy_spent(model, args.delta):.3f} after "
                 f"{dpcompile.privacy_state(model).steps} steps")
@@ -173,6 +177,14 @@ def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dic
                 "steps": state.steps}
         assert info["epsilon"] <= epsilon + 1e-6
     return model, info
+
+
+def lr_schedule(opt, kind: str, steps: int):
+    """Per optimizer step: constant, or linear decay to 0 over `steps` (the expected number of
+    logical steps: Poisson batches vary in size, not in number)."""
+    if kind == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / max(1, steps)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
 
 
 def main() -> None:
@@ -187,6 +199,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lr-nonprivate", type=float, default=2e-4)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--schedule", default="constant", choices=["constant", "linear"],
+                        help="learning rate: constant, or linear decay to 0 over the run (both runs)")
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--train-size", type=int, default=None, help="subsample the training reviews")
     parser.add_argument("--seed", type=int, default=0)
