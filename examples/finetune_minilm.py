@@ -187,18 +187,26 @@ def lr_schedule(opt, kind: str, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
 
 
+# Defaults of the two set-ups; each can be overridden on the command line.
+TOP_LAYERS = {"train_layers": 1, "epochs": 4, "epochs_nonprivate": 2, "batch_size": 512, "physical_batch": 256,
+              "lr": 2e-3, "lr_nonprivate": 2e-4, "max_grad_norm": 1.0, "batch_size_nonprivate": None}
+# --full, after Li et al. (2022): large logical batches, a larger lr for DP, small R
+FULL = {"train_layers": 6, "epochs": 10, "epochs_nonprivate": 3, "batch_size": 1024, "physical_batch": 1024,
+        "lr": 1e-3, "lr_nonprivate": 5e-5, "max_grad_norm": 0.1, "batch_size_nonprivate": 32}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epsilons", type=float, nargs="*", default=[3.0, 8.0], help="none: non-private only")
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--train-layers", type=int, default=1, help="top transformer layers trained (0-6)")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--epochs-nonprivate", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=512, help="expected logical batch (Poisson)")
-    parser.add_argument("--physical-batch", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--lr-nonprivate", type=float, default=2e-4)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--train-layers", type=int, help="top transformer layers trained (0-6)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--epochs-nonprivate", type=int)
+    parser.add_argument("--batch-size", type=int, help="expected logical batch (Poisson)")
+    parser.add_argument("--physical-batch", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr-nonprivate", type=float)
+    parser.add_argument("--max-grad-norm", type=float)
     parser.add_argument("--schedule", default="constant", choices=["constant", "linear"],
                         help="learning rate: constant, or linear decay to 0 over the run (both runs)")
     parser.add_argument("--max-length", type=int, default=48)
@@ -208,7 +216,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1000 train / 500 test reviews, 1 epoch")
     parser.add_argument("--full", action="store_true",
                         help="full fine-tune: every layer and the embeddings, with the hyperparameters below")
-    parser.add_argument("--batch-size-nonprivate", type=int, default=None)
+    parser.add_argument("--batch-size-nonprivate", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several runs each (mean and spread)")
     parser.add_argument("--no-nonprivate", action="store_true", help="skip the non-private reference")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -218,14 +226,10 @@ def main() -> None:
     if args.summarize:
         return print_table([row for path in args.summarize for row in json.loads(Path(path).read_text())["runs"]],
                            json.loads(Path(args.summarize[0]).read_text())["delta"])
-    if args.full:  # Li et al. (2022): large logical batches, few epochs, a larger lr for DP, small R
-        args.train_layers = 6
-        defaults = parser.parse_args([])
-        for name, value in {"batch_size": 1024, "epochs": 10, "lr": 1e-3, "max_grad_norm": 0.1,
-                            "lr_nonprivate": 5e-5, "epochs_nonprivate": 3, "batch_size_nonprivate": 32,
-                            "physical_batch": 1024}.items():
-            if getattr(args, name) == getattr(defaults, name):
-                setattr(args, name, value)
+    preset = FULL if args.full else TOP_LAYERS
+    for name, value in preset.items():  # what the command line leaves out
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
         args.epochs, args.epochs_nonprivate, args.train_size, args.epsilons = 1, 1, 1000, [8.0]
         args.batch_size, args.physical_batch = min(args.batch_size, 256), min(args.physical_batch, 256)
