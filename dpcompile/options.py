@@ -22,6 +22,7 @@ MIN_ACCOUNTED_NOISE_MULTIPLIER = 1e-6
 CLIPPING_MODES = ("flat", "automatic")
 LOSS_REDUCTIONS = ("mean", "sum")
 STRATEGIES = ("auto", "ghost", "instantiate")
+CLIP_GROUPINGS = ("layer", "block")  # clip_groups by name structure (else a list of fnmatch patterns)
 ACCOUNTANTS = ("pld", "rdp")
 NOISE_MECHANISMS = ("gaussian", "bsr")
 LSG_SUBSPACES = ("weights", "random")
@@ -122,6 +123,12 @@ class DPOptions:
         gives the batch size; every other input must hold the same samples along this
         dimension or none (a tensor shared by all samples).
     clipping: "flat" (C_i = min(1, R/‖g_i‖)) or "automatic" (C_i = R/(‖g_i‖+γ), Bu et al.).
+    clip_groups: None (the default): one norm over each sample's whole gradient. "layer",
+        "block" or a list of fnmatch patterns of parameter names: group-wise clipping, each of
+        the model's K groups clipped on its own to R/√K (so the whole gradient still to R; the
+        noise and ε are unchanged). "layer": a module's own parameters; "block": one numbered
+        block (``h.3``, ``layers.11``), the parameters outside any block one more group;
+        patterns: the first match, unmatched names one more group (`dpcompile.privacy.groups`).
     strategy: per-layer norm strategy: "auto" (sympy cost model), "ghost" or
         "instantiate" where possible.
     memory_budget_mb: per-layer memory the cost model may spend on instantiated
@@ -174,6 +181,7 @@ class DPOptions:
     loss_reduction: str = "mean"
     sample_dim: int = 0
     clipping: str = "flat"
+    clip_groups: str | tuple[str, ...] | None = None
     automatic_gamma: float = 0.01
     strategy: str = "auto"
     memory_budget_mb: float = 2048.0
@@ -209,6 +217,8 @@ class DPOptions:
                 f"unknown dp backend option(s) {unknown}; valid options are {sorted(known)}"
             )
         options["lsg"] = LSGOptions.from_value(options.get("lsg"))
+        if isinstance(options.get("clip_groups"), list):
+            options["clip_groups"] = tuple(options["clip_groups"])
         if isinstance(options.get("bsr_coefficients"), (list, tuple)):
             options["bsr_coefficients"] = tuple(options["bsr_coefficients"])
         if isinstance(options.get("inductor"), dict):  # a tuple of items: the options stay hashable
@@ -254,6 +264,11 @@ class DPOptions:
              f"sample_dim must be an int >= 0 (the input dimension that holds the samples), got {self.sample_dim!r}")
         need(self.clipping in CLIPPING_MODES,
              f"clipping must be one of {CLIPPING_MODES}, got {self.clipping!r}")
+        groups = self.clip_groups
+        need(groups is None or groups in CLIP_GROUPINGS or (isinstance(groups, tuple) and len(groups) > 0
+                                                              and all(isinstance(p, str) and p for p in groups)),
+             f"clip_groups must be None (flat clipping), one of {CLIP_GROUPINGS} or a non-empty list of parameter "
+             f"name patterns (fnmatch), got {groups!r}")
         need(_is_number(self.automatic_gamma) and self.automatic_gamma > 0,
              f"automatic_gamma must be a positive finite number, got {self.automatic_gamma!r}")
         need(self.strategy in STRATEGIES,

@@ -258,7 +258,7 @@ def test_inspection_records_every_pass():
     names = [(r.graph, r.name) for r in ctx.records]
     assert names == [("forward", "batch_dim"), ("backward", "batch_dim"), ("backward", "param_grads"),
                      ("backward", "phantom"), ("backward", "lsg"), ("backward", "book_keeping"),
-                     ("backward", "noise")]
+                     ("backward", "noise"), ("backward", "schedule")]
     table = next(r for r in ctx.records if r.name == "book_keeping").table
     assert {row["param"] for row in table} == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert all(row["strategy"] in ("ghost", "instantiate") and row["flops"] > 0 for row in table)

@@ -120,8 +120,8 @@ class PrivateBackward:
         args.clear()  # let the compiled graph free saved activations as it goes
         outputs = self.compiled(inputs)
         n_grads = len(outputs) - self.n_extra
-        if self.n_extra:  # the per-sample norms (or squared norms) come first: one per sample
-            ctx.last_batch = outputs[n_grads].shape[0]
+        if self.n_extra:  # the per-sample norms (or squared norms, (K, B) group-wise) come first
+            ctx.last_batch = outputs[n_grads].shape[-1]
             state.note_samples(ctx.last_batch)
         if not self.n_extra:
             pass  # a graph-break piece without parameters: only input gradients flow on

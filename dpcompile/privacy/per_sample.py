@@ -439,23 +439,45 @@ def clip_weights(total_sq: torch.Tensor, max_grad_norm: float, scale_mode: str, 
     The loss seen by backward is mean_b(l_b) ("mean") or sum_b(l_b) ("sum"), so a
     sample's own gradient is s*g_b with s = B or 1. C_b is min(1, R/‖s g_b‖) ("flat")
     or R/(‖s g_b‖ + γ) ("automatic"). Returns (w, per-sample norms ‖s g_b‖).
+
+    Group-wise clipping: total_sq is (K, B), each group's squared norms, and R that of one
+    group; then w is (K, B), one weight per group and sample, and the norms are still those
+    of each sample's whole gradient, (B,).
     """
-    scale = total_sq.shape[0] if scale_mode == "mean" else 1
+    scale = total_sq.shape[-1] if scale_mode == "mean" else 1
     norms = total_sq.sqrt() * scale
     if clipping == "automatic":
         factors = max_grad_norm / (norms + gamma)
     else:
         factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    if total_sq.dim() > 1:
+        norms = total_sq.sum(0).sqrt() * scale
     return factors * scale, norms
+
+
+def stack_groups(group_count: int, groups: list[int], *sq_norms: torch.Tensor) -> torch.Tensor:
+    """(K, B) squared norms per clip group: row groups[i] is sq_norms[i], rows of the groups
+    this graph has no parameter of are zero (their share of the sample's norm is elsewhere)."""
+    stacked = torch.stack(sq_norms)
+    if list(groups) == list(range(group_count)):
+        return stacked
+    index = torch.tensor(groups, device=stacked.device)
+    return stacked.new_zeros(group_count, stacked.shape[1]).index_copy(0, index, stacked)
+
+
+def group_row(weights: torch.Tensor, group: int) -> torch.Tensor:
+    """The clip weights (B,) of one group from the (K, B) table."""
+    return weights[group]
 
 
 def noise_scales(weights: torch.Tensor, scalars: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_b / d, std / d), once per step: the clip weights and the noise std divided by the
     batch divisor d, so each gradient's privatization is one multiply-add.
 
-    scalars = [noise std, expected batch size or 0 for "the actual batch size"]."""
+    scalars = [noise std, expected batch size or 0 for "the actual batch size"]; weights are (B,)
+    or, group-wise, (K, B)."""
     std, expected = scalars[0], scalars[1]
-    divisor = torch.where(expected > 0, expected, torch.full_like(expected, weights.shape[0]))
+    divisor = torch.where(expected > 0, expected, torch.full_like(expected, weights.shape[-1]))
     return weights / divisor, std / divisor
 
 

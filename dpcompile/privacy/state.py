@@ -22,6 +22,7 @@ import torch
 
 from .accounting import PrivacyAccountant
 from ..errors import DPCompileError
+from .groups import GroupTable
 from .lsg import LSGProjector
 from .rng import secret_seed, stream_seed
 from ..options import DPOptions
@@ -94,6 +95,7 @@ class PrivacyState:
         self.sampling_audit = _poisson_audit(options)  # plain API: do the batch sizes look Poisson-sampled?
         self.bsr = self._make_correlated_noise(options)  # None unless noise_mechanism == "bsr"
         self.lsg = LSGProjector(options.lsg, self.seed) if options.lsg is not None else None
+        self.clip_group_table: GroupTable | None = None  # clip_groups: fixed at the first compile
 
     def __repr__(self) -> str:
         opts = self.options
@@ -288,6 +290,23 @@ class PrivacyState:
     def accumulating(self) -> bool:
         return len(self._accumulated) > 0
 
+    def clip_groups_of(self, ctx: Any) -> dict[int, int]:
+        """clip_groups: the group of each trainable parameter input of a graph ({} for flat clipping).
+        The groups (and so K and R/√K) are those of the whole compiled model's trainable parameters,
+        named as the model names them (a graph of a sub-module's frame names them relative to it)."""
+        spec = self.options.clip_groups
+        if spec is None:
+            return {}
+        module = self.compiled_module()
+        root = getattr(module, "_orig_mod", module)
+        named = {id(p): name for name, p in root.named_parameters()} if root is not None else {}
+        names = {i: named.get(id(p), ctx.param_names.get(i, f"input #{i}")) for i, p in ctx.params.items()
+                 if p.requires_grad}
+        if self.clip_group_table is None:
+            model = [name for name, p in root.named_parameters() if p.requires_grad] if root is not None else []
+            self.clip_group_table = GroupTable(model or names.values(), spec, self.options.max_grad_norm)
+        return self.clip_group_table.ids(names)
+
     def defer(self, ctx: Any, sq_norms: torch.Tensor, per_sample_grads: list[torch.Tensor]) -> None:
         """A graph-break graph's share of the step; clipped once the whole backward has run."""
         self._pending.append((ctx, sq_norms, per_sample_grads))
@@ -346,9 +365,9 @@ class PrivacyState:
         from .per_sample import clip_weights, noise_scales, privatize, weighted_sum, zero_rows
 
         opts = self.options
-        total = sum(sq for _, sq, _ in pending)
-        weights, norms = clip_weights(total, opts.max_grad_norm, opts.loss_reduction, opts.clipping,
-                                      opts.automatic_gamma)
+        total = sum(sq for _, sq, _ in pending)  # (B,), or group-wise (K, B)
+        threshold = self.clip_group_table.threshold if total.dim() > 1 else opts.max_grad_norm
+        weights, norms = clip_weights(total, threshold, opts.loss_reduction, opts.clipping, opts.automatic_gamma)
         self.check_norms(norms)
         device = total.device
         scalars = torch.tensor(graph_scalars(self), device=device)  # data-parallel: noise on one rank only
@@ -357,9 +376,10 @@ class PrivacyState:
         noises = iter(self._deferred_noise([ps[0].numel() for _, _, grads in ordered for ps in grads], device))
         for ctx, _, per_sample_grads in ordered:
             rows_of = ctx.plan.get("deferred_zero_rows", [[]] * len(per_sample_grads))
-            for position, ps, rows in zip(ctx.plan["deferred_positions"], per_sample_grads, rows_of):
+            groups = ctx.plan.get("deferred_groups", [0] * len(per_sample_grads))
+            for position, ps, rows, k in zip(ctx.plan["deferred_positions"], per_sample_grads, rows_of, groups):
                 param = ctx.params[position]
-                clipped = weighted_sum(weights, ps)
+                clipped = weighted_sum(weights[k] if weights.dim() > 1 else weights, ps)
                 grad = privatize(clipped, next(noises), 0, std).to(param.dtype)
                 if rows:  # padding rows: zero in every sample's gradient, so released without noise
                     grad = zero_rows(grad, rows)

@@ -4,7 +4,7 @@ Forward graphs are only analysed (where each tensor keeps its samples, and refus
 sample-mixing ops); backward graphs are rewritten, one pass after the other, before
 Inductor's decompositions.
 """
-from . import batch_dim, book_keeping, lsg, noise, param_grads, phantom
+from . import batch_dim, book_keeping, lsg, noise, param_grads, phantom, schedule
 from .base import HOOKS
 
 FORWARD_PIPELINE = [("batch_dim", lambda gm, ctx: batch_dim.run(gm, ctx, "forward"))]
@@ -15,6 +15,7 @@ BACKWARD_PIPELINE = [
     ("lsg", lsg.run),
     ("book_keeping", book_keeping.run),
     ("noise", noise.run),
+    ("schedule", schedule.run),
 ]
 
 

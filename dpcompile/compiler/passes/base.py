@@ -46,6 +46,9 @@ class CompileContext:
     plan: dict[str, Any] = dataclasses.field(default_factory=dict)  # filled by the backward passes
     records: list[PassRecord] = dataclasses.field(default_factory=list)
     deferred: bool = False  # graph-break mode: clip and noise after the whole backward
+    clip_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # input -> clip group ({}: flat)
+    group_count: int = 0  # K, the model's number of clip groups (privacy.groups)
+    clip_threshold: float = 0.0  # each group's threshold R/√K
     params: dict[int, Any] = dataclasses.field(default_factory=dict)  # forward input index -> Parameter
     runtime_inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # extra backward inputs: shape
     runtime_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)  # if not float32

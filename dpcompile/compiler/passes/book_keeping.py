@@ -71,6 +71,11 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     table, sq_norms, finishers, per_sample_grads, small = [], [], [], [], []
     expanders = ctx.plan["lsg_expand"] = {}  # position -> reduced clipped sum -> parameter gradient
     chosen = []  # (costs, strategy asked, strategy chosen) of the cost model's choices
+    ctx.plan["graph_nodes"] = set(graph.nodes)  # before the dp nodes (passes/schedule.py)
+
+    def group(g: ParamGrad) -> int:
+        return ctx.clip_groups.get(g.position, 0)
+
     with graph.inserting_before(out_node):
         for g in grads:
             _pad_before_transpose(graph, g)
@@ -98,7 +103,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
                 sq, finish, full = _instantiate(gm, g, per_sample_output=ctx.deferred)
                 per_sample_grads.append(full)
             if sq is not None:
-                sq_norms.append(sq)
+                sq_norms.append((group(g), sq))
                 finishers.append((g, finish))
             flops, mem = costs[strategy].at(batch, sizes)
             table.append({"param": g.name, "kind": g.kind, "strategy": strategy,
@@ -106,22 +111,37 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
                           "traffic_bytes": costs[strategy].traffic_at(batch, sizes),
                           "flops_expr": str(costs[strategy].flops), "memory_expr": str(costs[strategy].memory),
                           "alternatives": {k: c.at(batch, sizes) for k, c in costs.items() if k != strategy}})
+            if ctx.clip_groups:
+                table[-1]["clip_group"] = group(g)
         _guard_plan(chosen, batch, budget, ctx)
-        if small:
-            packed = graph.call_function(per_sample.pack, tuple(values for _, values in small))
-            sq_norms.append(graph.call_function(per_sample.sq_norm, (packed,)))
-        total = graph.call_function(per_sample.total_sq_norm, tuple(sq_norms))
+        packs = {}  # clip group -> (its small gradients, their packed per-sample values)
+        for k in dict.fromkeys(group(g) for g, _ in small):
+            members = [(g, values) for g, values in small if group(g) == k]
+            packed = graph.call_function(per_sample.pack, tuple(values for _, values in members))
+            sq_norms.append((k, graph.call_function(per_sample.sq_norm, (packed,))))
+            packs[k] = (members, packed)
+        total, threshold = _norms_by_group(graph, ctx, sq_norms)
         if ctx.deferred:
             _defer(gm, ctx, grads, total, per_sample_grads)
+            ctx.plan["deferred_groups"] = [group(g) for g in grads]
             return table
         clip = graph.call_function(per_sample.clip_weights, (
-            total, ctx.options.max_grad_norm, ctx.options.loss_reduction, ctx.options.clipping,
-            ctx.options.automatic_gamma))
+            total, threshold, ctx.options.loss_reduction, ctx.options.clipping, ctx.options.automatic_gamma))
         weights = graph.call_function(operator.getitem, (clip, 0))
         norms = graph.call_function(operator.getitem, (clip, 1))
         ctx.plan["weights"], ctx.plan["sample_norms"] = weights, norms
-        ctx.plan["clipped"] = {g.position: finish(weights) for g, finish in finishers}
-        ctx.plan["packs"] = [_pack_finish(graph, small, packed, weights)] if small else []
+        rows = {}
+
+        def weights_of(k: int) -> fx.Node:  # group-wise: group k's row of the (K, B) weights
+            if not ctx.clip_groups:
+                return weights
+            if k not in rows:
+                rows[k] = graph.call_function(per_sample.group_row, (weights, k))
+            return rows[k]
+
+        ctx.plan["clipped"] = {g.position: finish(weights_of(group(g))) for g, finish in finishers}
+        ctx.plan["packs"] = [_pack_finish(graph, members, packed, weights_of(k))
+                             for k, (members, packed) in packs.items()]
     outputs = list(out_node.args[0])
     with graph.inserting_before(out_node):
         for position, clipped in ctx.plan["clipped"].items():
@@ -135,6 +155,17 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     graph.eliminate_dead_code()
     gm.recompile()
     return table
+
+
+def _norms_by_group(graph: fx.Graph, ctx: CompileContext, sq_norms: list[tuple[int, fx.Node]]):
+    """(per-sample squared norms, their clipping threshold): flat, the sum over every gradient,
+    (B,), and R; group-wise, one sum per clip group, (K, B), and R/√K (`privacy.groups`)."""
+    if not ctx.clip_groups:
+        return graph.call_function(per_sample.total_sq_norm, tuple(sq for _, sq in sq_norms)), ctx.options.max_grad_norm
+    groups = sorted({k for k, _ in sq_norms})
+    totals = [graph.call_function(per_sample.total_sq_norm, tuple(sq for j, sq in sq_norms if j == k))
+              for k in groups]
+    return graph.call_function(per_sample.stack_groups, (ctx.group_count, groups, *totals)), ctx.clip_threshold
 
 
 def _defer(gm: fx.GraphModule, ctx: CompileContext, grads: list[ParamGrad], total: fx.Node,
