@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -46,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import print_compile_phases, sync, time_steps, warm_compiler  # noqa: E402  (bench/ is no package)
 
 MODES = ("eager", "compile", "dp", "opacus-ghost")
+# Also run on request (--modes): group-wise clipping, per transformer block / per layer (clip_groups).
+GROUP_MODES = {"dp-block": "block", "dp-layer": "layer"}
 # Every row has every key; metrics are None where a mode failed (or, on CPU, for memory).
 FIELDS = ("workload", "mode", "model", "shape", "batch", "unit", "params_m", "trainable_m", "dtype", "ms",
           "items_per_s", "peak_gib", "resident_gib", "first_step_s", "throughput_vs_compile", "memory_vs_compile",
@@ -245,8 +248,9 @@ def dp_options(args) -> dict:
     return {**opts, **json.loads(args.dp_options or "{}")}
 
 
-def mode_dp(case, args):
-    model = torch.compile(case.model, backend="dp", options=dp_options(args))
+def mode_dp(case, args, clip_groups=None):
+    options = {**dp_options(args), **({"clip_groups": clip_groups} if clip_groups else {})}
+    model = torch.compile(case.model, backend="dp", options=options)
     return model, make_step(model, batch_mean(case), adamw(case.model), case, args)
 
 
@@ -278,7 +282,8 @@ def adamw(model):
     return torch.optim.AdamW(trainable(model), lr=1e-5)
 
 
-BUILDERS = {"eager": mode_eager, "compile": mode_compile, "dp": mode_dp, "opacus-ghost": mode_opacus_ghost}
+BUILDERS = {"eager": mode_eager, "compile": mode_compile, "dp": mode_dp, "opacus-ghost": mode_opacus_ghost,
+            **{mode: functools.partial(mode_dp, clip_groups=groups) for mode, groups in GROUP_MODES.items()}}
 
 
 def finite(x):
@@ -297,11 +302,11 @@ def run_mode(name: str, mode: str, args) -> dict:
         step()  # compiles, for the compiled modes
         sync(args.device)
         row["first_step_s"] = time.perf_counter() - t0
-        if args.compile_times and mode in ("compile", "dp"):
+        if args.compile_times and mode in ("compile", "dp", *GROUP_MODES):
             print_compile_phases(mode)
         ms, peak, resident = time_steps(step, args)
         row.update(ms=ms, items_per_s=case.items / ms * 1e3, peak_gib=finite(peak), resident_gib=finite(resident))
-        if mode == "dp":  # proof that the dp graphs ran: noisy releases counted by the privacy state
+        if mode.startswith("dp"):  # proof that the dp graphs ran: noisy releases counted by the privacy state
             import dpcompile
 
             row["private_steps"] = dpcompile.privacy_state(model).steps
@@ -323,8 +328,8 @@ def run_child(args) -> None:
     meta = {**workload_meta(name, args), "device": device, "torch": torch.__version__,
             "transformers": transformers.__version__}
     modes = args.modes.split(",")
-    if {"compile", "dp"} & set(modes):  # compiler start-up out of the first mode's first step
-        warm_compiler(args.device, dp="dp" in modes)
+    if {"compile", "dp", *GROUP_MODES} & set(modes):  # compiler start-up out of the first mode's first step
+        warm_compiler(args.device, dp=any(m.startswith("dp") for m in modes))
     for mode in modes:
         torch._dynamo.reset()  # the last mode's graphs, model and optimizer state freed before this one
         gc.collect()
@@ -438,7 +443,7 @@ def finish(raw: list[dict], args, command: str) -> list[dict]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of: {', '.join(WORKLOADS)}")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(BUILDERS)}")
     p.add_argument("--out", default="bench_out/hf", help="folder for hf_suite.json and each workload's log")
     p.add_argument("--tiny", action="store_true", help="2 layers, small width, short sequences, B=2: a CPU smoke run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -454,7 +459,7 @@ def main():
     p.add_argument("--rows", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    unknown = set(args.workloads.split(",")) - set(WORKLOADS) or set(args.modes.split(",")) - set(MODES)
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS) or set(args.modes.split(",")) - set(BUILDERS)
     if unknown:
         p.error(f"unknown workload or mode: {', '.join(sorted(unknown))}")
     run_child(args) if args.child else run_suite(args)

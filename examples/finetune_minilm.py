@@ -156,7 +156,8 @@ def train(train_set, args, epsilon: float | None) -> tuple[MiniLMClassifier, dic
     if epsilon is not None:
         run_model, opt, loader = dpcompile.make_private(
             model, opt, loader, target_epsilon=epsilon, target_delta=args.delta, epochs=args.epochs,
-            max_grad_norm=args.max_grad_norm, max_physical_batch_size=args.physical_batch)
+            max_grad_norm=args.max_grad_norm, max_physical_batch_size=args.physical_batch,
+            **({"clip_groups": args.clip_groups} if args.clip_groups else {}))
     epochs = args.epochs if epsilon is not None else args.epochs_nonprivate
     schedule = lr_schedule(base_opt, args.schedule, epochs * len(loader))
     for epoch in range(epochs):
@@ -209,6 +210,8 @@ def main() -> None:
     parser.add_argument("--max-grad-norm", type=float)
     parser.add_argument("--schedule", default="constant", choices=["constant", "linear"],
                         help="learning rate: constant, or linear decay to 0 over the run (both runs)")
+    parser.add_argument("--clip-groups", choices=["layer", "block"],
+                        help="group-wise clipping (each of K groups to R/√K; same noise and ε) instead of flat")
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--train-size", type=int, default=None, help="subsample the training reviews")
     parser.add_argument("--seed", type=int, default=0)
