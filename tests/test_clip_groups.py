@@ -102,22 +102,50 @@ def test_each_group_is_clipped_to_its_share_of_R(case, strategy):
                                rtol=1e-4, atol=1e-7)
 
 
-def test_graph_breaks_clip_each_group_across_the_graphs():
-    """Two graphs (deferred release): each group's norm is that group's, whichever graph holds it."""
+def test_graph_breaks_let_each_graph_clip_its_own_groups():
+    """Two graphs whose groups do not overlap: each clips and noises its own groups in the graph
+    (no deferred per-sample gradients), and the step is released and counted once."""
     seed = fresh_seed()
     torch.manual_seed(seed)
     model = BreakNet()
     x, y = BreakNet.batch(7)
-    groups = [["emb.weight", "fc1.weight", "fc1.bias"], ["fc2.weight", "fc2.bias"]]
+    groups = [["emb.weight"], ["fc1.weight", "fc1.bias"], ["fc2.weight", "fc2.bias"]]  # emb.*, fc1.*, the rest
     grads, norms = oracle(model, x, y, groups)
     R = threshold_between(norms)
     got = private_sum(model, x, y, max_grad_norm=R, clip_groups=["emb.*", "fc1.*"])
-    # the patterns give three groups (emb, fc1, the rest): the oracle's must match them
-    groups = [["emb.weight"], ["fc1.weight", "fc1.bias"], ["fc2.weight", "fc2.bias"]]
-    grads, norms = oracle(model, x, y, groups)
     check(got, oracle_sum(grads, norms, groups, R), seed)
     state = dpcompile.privacy_state(model)
-    assert len(state.compiled) == 2 and all(c.deferred for c in state.compiled) and state.steps == 1
+    assert len(state.compiled) == 2 and not any(c.deferred for c in state.compiled) and state.steps == 1
+    torch.testing.assert_close(state.last_sample_norms.double().cpu(), norms.pow(2).sum(0).sqrt(), rtol=1e-4, atol=1e-7)
+
+
+def test_a_group_spanning_two_graphs_is_refused_and_nothing_is_released():
+    """fc1 (before the break) and fc2 (after it) in one group: each graph would clip its share to
+    R/√K on its own, up to 2R/√K for the group."""
+    model = BreakNet()
+    x, y = BreakNet.batch(5)
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0, "clip_groups": ["emb.*"]})
+    with pytest.raises(DPCompileError, match="several compiled graphs"):
+        batch_loss(compiled(x), y).backward()
+    state = dpcompile.privacy_state(model)
+    assert all(p.grad is None for p in model.parameters()) and state.steps == 0
+
+
+def test_graph_breaks_with_groups_keep_noise_once_per_parameter():
+    """Noise on: each parameter noised by its own graph, once; std σR/E as without breaks."""
+    torch.manual_seed(fresh_seed())
+    model = BreakNet()
+    model.emb = torch.nn.Embedding(30, 40)  # more coordinates for the std estimate
+    model.fc1 = torch.nn.Linear(40, 16)
+    x, y = BreakNet.batch(6)
+    groups = [["emb.weight"], ["fc1.weight", "fc1.bias"], ["fc2.weight", "fc2.bias"]]
+    grads, norms = oracle(model, x, y, groups)
+    R, sigma, E = 0.3, 2.0, 8.0
+    got = private_sum(model, x, y, max_grad_norm=R, clip_groups=["emb.*", "fc1.*"], noise_multiplier=sigma,
+                      expected_batch_size=E)
+    want = oracle_sum(grads, norms, groups, R)
+    noise = torch.cat([(got[n] / x.shape[0] * E - want[n]).flatten() for n in want])
+    assert noise.numel() > 1800 and abs(float(noise.std()) / (sigma * R) - 1) < 0.1
 
 
 def test_noise_std_stays_sigma_R_over_the_divisor():
@@ -184,3 +212,14 @@ def test_group_keys_of_hugging_face_names():
     assert len(layers) == len({n.rsplit(".", 1)[0] for n in names})
     lora = "base_model.model.model.layers.7.self_attn.q_proj.lora_A.default.weight"
     assert group_key(lora, "block") == "base_model.model.model.layers.7"
+
+
+def test_the_inspection_report_states_the_groups_and_their_threshold():
+    from dpcompile.tools import inspection
+
+    report = inspection.inspect_model(MLP(), torch.randn(8, 10), options={"clip_groups": "layer", "max_grad_norm": 3.0})
+    summary = report.privacy_summary()
+    assert "3 groups" in summary["clipped_per"] and f"{3.0 / math.sqrt(3):.4g}" in summary["clipped_per"]
+    assert "clip group" in str(report)
+    schedule = report.record("schedule")
+    assert schedule.notes and "moved" in schedule.notes[0]  # each group's clipped sums follow its own norms

@@ -73,8 +73,11 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], state: PrivacySt
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and reason.graph_break:
         state.multi_graph = True  # another graph follows: clip factors need all of them
-    ctx = CompileContext(options=state.options, graph_id=next(_graph_ids),
-                         param_names={}, input_kinds=[], deferred=state.multi_graph)
+    # graph breaks: clip once the whole backward has run (deferred), unless clip groups let each graph
+    # clip its own groups (PrivacyState checks at the end of the backward that no group spans two graphs)
+    ctx = CompileContext(options=state.options, graph_id=next(_graph_ids), param_names={}, input_kinds=[],
+                         multi_graph=state.multi_graph,
+                         deferred=state.multi_graph and state.options.clip_groups is None)
     _classify_inputs(gm, example_inputs, ctx)
     ctx.clip_groups = state.clip_groups_of(ctx)
     if ctx.clip_groups:

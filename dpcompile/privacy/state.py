@@ -86,6 +86,7 @@ class PrivacyState:
         self._runs_in_task: list[Any] = []  # CompileContext of each compiled backward run this pass
         self._pending: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
         self._micro_sums: list[tuple[torch.Tensor, torch.Tensor]] = []  # this backward's unreleased sums
+        self._run_norms: list[torch.Tensor] = []  # per-sample norms of each graph run in this backward
         self._accumulated: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(param) -> (param, clipped sum)
         self.graph_gradients: dict[int, list[tuple[torch.Tensor, int]]] = {}  # id(param) -> (grad, version)
         self._zeros: dict[tuple, torch.Tensor] = {}
@@ -223,7 +224,7 @@ class PrivacyState:
         task = torch._C._current_graph_task_id()
         if task != self._task:
             self._task, self._runs_in_task, self._pending, self.graph_gradients = task, [], [], {}
-            self._micro_sums, self._samples_noted = [], False
+            self._micro_sums, self._samples_noted, self._run_norms = [], False, []
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         self._check_releasable()
         self.check_loss_known(ctx)
@@ -315,10 +316,21 @@ class PrivacyState:
         runs, pending, micro = self._runs_in_task, self._pending, self._micro_sums
         self._task, self._runs_in_task, self._pending, self.graph_gradients = None, [], [], {}
         self._micro_sums = []
-        if len(runs) > 1 and not all(c.deferred for c in runs):
+        norms, self._run_norms = self._run_norms, []
+        if len(norms) > 1:  # graphs that clip their own groups: each sample's norm over all of them
+            self.last_sample_norms = torch.stack([n.float() for n in norms]).pow(2).sum(0).sqrt()
+        spanning = self._groups_in_several_graphs(runs) if len(runs) > 1 else []
+        if len(runs) > 1 and not all(c.deferred for c in runs) and spanning != []:
             for c in runs:
                 for p in c.params.values():
                     p.grad = None
+            if spanning:
+                raise DPCompileError(
+                    f"dpcompile: clip group(s) {spanning[:5]} took part in several compiled graphs of one backward "
+                    "(a graph break inside a group, or the model called twice before backward), so each graph would "
+                    "clip its share of the group on its own. The gradients were discarded. Choose clip_groups so "
+                    "that each group lies in one graph (e.g. 'layer', or patterns that follow the graph breaks; "
+                    "TORCH_LOGS=graph_breaks shows them), remove the graph break, or call the model once per backward")
             raise DPCompileError(
                 "dpcompile: one backward pass ran several compiled graphs of this model that were each clipped on "
                 "their own (a graph break appeared after compilation, or the model was called twice before "
@@ -333,6 +345,19 @@ class PrivacyState:
         if self.release_next:
             self._refuse_unreleased_sums(runs)
             self.record_release()
+
+    def _groups_in_several_graphs(self, runs: list[Any]) -> list[str] | None:
+        """Graph breaks with clip groups: the groups seen by more than one graph of this backward
+        ([] if none: each graph clipped whole groups), None if these graphs do not clip by groups."""
+        if self.clip_group_table is None or any(c.deferred for c in runs):
+            return None
+        seen, spanning = set(), set()
+        for c in runs:
+            groups = set(c.clip_groups.values())
+            spanning |= seen & groups
+            seen |= groups
+        names = {k: name for name, k in self.clip_group_table.index.items()}
+        return sorted(names[k] for k in spanning)
 
     def _refuse_unreleased_sums(self, runs: list[Any]) -> None:
         """Micro-step sums of parameters the releasing backward did not reach would be released
@@ -393,6 +418,7 @@ class PrivacyState:
 
     def check_norms(self, norms: torch.Tensor) -> None:
         self.last_sample_norms = norms.detach()
+        self._run_norms.append(self.last_sample_norms)
         if self.options.check_finite and not bool(torch.isfinite(norms).all()):
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
             raise DPCompileError(

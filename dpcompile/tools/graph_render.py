@@ -270,7 +270,8 @@ def format_privacy(summary: dict[str, Any]) -> str:
     if "lsg" in s:
         lines.append(f"lsg              : {s['lsg']}")
     if s["graph_breaks"]:
-        lines.append(f"graph breaks     : {s['graph_breaks']} (clipped and noised once after the whole backward)")
+        how = s.get("graph_break_release", "clipped and noised once after the whole backward")
+        lines.append(f"graph breaks     : {s['graph_breaks']} ({how})")
     return "\n".join("  " + line for line in lines)
 
 

@@ -354,6 +354,11 @@ class Report:
         }
         if opts.clipping == "automatic":
             summary["automatic_gamma"] = opts.automatic_gamma
+        if opts.clip_groups is not None:
+            k, threshold = max(((c.group_count, c.clip_threshold) for c in self.contexts), default=(0, 0.0))
+            summary["clipped_per"] = (f"sample and clip group ({opts.clip_groups!r}: {k} groups, each clipped to "
+                                      f"R/√K = {threshold:.4g}; Σ_k (R/√K)² = R²)")
+            summary["graph_break_release"] = "each graph clips and noises its own clip groups (none may span two)"
         if opts.noise_mechanism == "bsr":
             summary["bsr_bands"] = opts.bsr_bands or len(opts.bsr_coefficients or ())
             summary["bsr_min_separation"] = opts.bsr_min_separation

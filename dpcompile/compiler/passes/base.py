@@ -45,6 +45,7 @@ class CompileContext:
     tangent_layouts: list[Any] = dataclasses.field(default_factory=list)
     plan: dict[str, Any] = dataclasses.field(default_factory=dict)  # filled by the backward passes
     records: list[PassRecord] = dataclasses.field(default_factory=list)
+    multi_graph: bool = False  # the model is split by graph breaks
     deferred: bool = False  # graph-break mode: clip and noise after the whole backward
     clip_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # input -> clip group ({}: flat)
     group_count: int = 0  # K, the model's number of clip groups (privacy.groups)

@@ -61,7 +61,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     graph = gm.graph
     grads: list[ParamGrad] = ctx.plan["param_grads"]
     if not grads:
-        if ctx.deferred:  # a graph-break piece without parameters (e.g. the loss): nothing to clip here
+        if ctx.multi_graph:  # a graph-break piece without parameters (e.g. the loss): nothing to clip here
             ctx.extra_outputs = []
             return []
         raise DPCompileError("dpcompile: this graph computes no parameter gradient; nothing to make private")
