@@ -223,3 +223,46 @@ def test_the_inspection_report_states_the_groups_and_their_threshold():
     assert "clip group" in str(report)
     schedule = report.record("schedule")
     assert schedule.notes and "moved" in schedule.notes[0]  # each group's clipped sums follow its own norms
+
+
+def test_poisson_batch_sizes_clip_per_group_through_one_symbolic_graph():
+    """Batches of 4, 1 and 6 samples (B = 1 gets a static graph of its own); dynamic sizes share one."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = TinyGPT(tied=True)
+    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0, "max_grad_norm": 0.05,
+                                                           "clip_groups": "block"})
+    groups = CASES["gpt_tied-block"][3](model)
+    for size in (4, 1, 6):
+        x, y = TinyGPT.batch(size)
+        if size > 1:
+            torch._dynamo.mark_dynamic(x, 0)
+        model.zero_grad(set_to_none=True)
+        batch_loss(compiled(x), y).backward()
+        grads, norms = oracle(model, x, y, groups)
+        check({k: p.grad.double() * size for k, p in model.named_parameters()}, oracle_sum(grads, norms, groups, 0.05),
+              seed)
+    assert len(dpcompile.privacy_state(model).compiled) == 2  # one symbolic-B graph, one B = 1 graph
+
+
+def test_make_private_accounts_group_wise_clipping_like_flat_clipping():
+    """make_private passes clip_groups to the backend; σ, steps and ε are those of flat clipping."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    spent = {}
+    for groups in (None, "layer"):
+        torch.manual_seed(0)
+        net = MLP()
+        data = TensorDataset(*MLP.batch(64))
+        extra = {"clip_groups": groups} if groups else {}
+        model, opt, loader = dpcompile.make_private(net, torch.optim.SGD(net.parameters(), lr=0.1),
+                                                    DataLoader(data, batch_size=16), target_epsilon=4.0, epochs=1,
+                                                    max_grad_norm=1.0, **extra)
+        for x, y in loader:
+            batch_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        state = dpcompile.privacy_state(net)
+        assert (state.clip_group_table is not None) == (groups is not None)
+        spent[groups] = (state.options.noise_multiplier, state.steps, dpcompile.privacy_spent(net, 1e-5))
+    assert spent[None] == spent["layer"]
