@@ -266,3 +266,25 @@ def test_make_private_accounts_group_wise_clipping_like_flat_clipping():
         assert (state.clip_group_table is not None) == (groups is not None)
         spent[groups] = (state.options.noise_multiplier, state.steps, dpcompile.privacy_spent(net, 1e-5))
     assert spent[None] == spent["layer"]
+
+
+def test_the_onnx_export_of_a_group_wise_step_matches_the_oracle():
+    """The exported private step keeps the groups: (Σ_i Σ_k C_ik g_ik + σR z) / B in onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    from dpcompile.tools.export import export_onnx
+
+    torch.manual_seed(fresh_seed())
+    model, (x, y) = MLP(), MLP.batch(8)
+    groups = by_layer(model)
+    grads, norms = oracle(model, x, y, groups)
+    R, sigma = threshold_between(norms), 0.5
+    exported = export_onnx(model, x, target=y, options={"max_grad_norm": R, "noise_multiplier": sigma,
+                                                        "clip_groups": "layer"})
+    assert max(exported.errors.values()) < 1e-4  # against the dp backend's own step
+    outputs = exported.run(exported.example_feeds, exported.session())
+    noise = torch.from_numpy(exported.example_feeds["dp_noise"]).double()
+    for name, total in oracle_sum(grads, norms, groups, R).items():
+        offset, numel = exported.noise_slices[name]
+        want = (total + sigma * R * noise[offset:offset + numel].view(total.shape)) / x.shape[0]
+        got = torch.from_numpy(outputs[f"grad.{name}"]).double()
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4, name
