@@ -3,6 +3,8 @@ applies the same projection to torch.func per-sample gradients; noise only on th
 coordinates; accounting unchanged; choices private by construction and checkpointable."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -77,8 +79,9 @@ def expand(coords, left, right, index):
     return d_left @ right + left @ d_right - left @ core @ right
 
 
-def oracle_lsg_sum(model, x, y, max_grad_norm, projections):
-    """Σ_i C_i ĝ_i in float64, ĝ_i = each sample's gradient with lsg weights in the reduced space."""
+def oracle_lsg_sum(model, x, y, max_grad_norm, projections, groups=None):
+    """Σ_i C_i ĝ_i in float64, ĝ_i = each sample's gradient with lsg weights in the reduced space.
+    groups (lists of names): each group of ĝ_i clipped to R/√K on its own; norms then (K, B)."""
     grads = per_sample_grads(model, x, y)
     pieces = {}
     for name, g in grads.items():
@@ -87,11 +90,14 @@ def oracle_lsg_sum(model, x, y, max_grad_norm, projections):
             pieces[name] = reduce(g.mT if transposed else g, left, right, index)
         else:
             pieces[name] = g.flatten(1)
-    norms = torch.cat(list(pieces.values()), 1).norm(dim=1)
-    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    groups = groups or [list(pieces)]
+    norms = torch.stack([torch.cat([pieces[n] for n in names], 1).norm(dim=1) for names in groups])
+    factors = (max_grad_norm / len(groups) ** 0.5 / (norms + 1e-6)).clamp(max=1.0)
+    factor_of = {n: factors[k] for k, names in enumerate(groups) for n in names}
+    norms = norms[0] if len(groups) == 1 else norms
     out = {}
     for name, piece in pieces.items():
-        summed = factors @ piece
+        summed = factor_of[name] @ piece
         if name in projections:
             left, right, index, transposed = projections[name]
             full = expand(summed, left, right, index)
@@ -259,3 +265,22 @@ def test_lsg_refusals_name_the_problem(lsg, match):
 def test_invalid_lsg_options_are_refused(lsg, match):
     with pytest.raises(DPCompileError, match=match):
         dpcompile.DPOptions.from_dict({"lsg": lsg})
+
+
+def test_lsg_with_group_wise_clipping_matches_the_projected_oracle():
+    """clip_groups="layer" next to lsg: each layer's reduced gradient clipped to R/√K."""
+    torch.manual_seed(int(torch.seed() % 2**31))
+    model, (x, y) = MLP(), MLP.batch(6)
+    lsg = {"layers": ["*.weight"], "rank": 3, "density": 0.5}
+    groups = [[f"{layer}.weight", f"{layer}.bias"] for layer in ("fc1", "fc2", "out")]
+    probe = copy.deepcopy(model)
+    batch_loss(compile_lsg(probe, lsg, max_grad_norm=1e6)(x), y).backward()  # the step-0 projections
+    _, norms = oracle_lsg_sum(probe, x, y, 1e6, chosen_projections(probe, step=0), groups)
+    R = float(norms.median()) * 3 ** 0.5  # some groups clipped, some not
+    torch._dynamo.reset()
+    batch_loss(compile_lsg(model, lsg, max_grad_norm=R, clip_groups="layer")(x), y).backward()
+    projections = chosen_projections(model, step=0)
+    want, norms = oracle_lsg_sum(model, x, y, R, projections, groups)
+    share = R / 3 ** 0.5
+    assert (norms > share * 1.01).any() and (norms < share * 0.99).any()
+    assert_close({k: p.grad.double() * x.shape[0] for k, p in model.named_parameters()}, want)
