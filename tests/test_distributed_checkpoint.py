@@ -91,6 +91,19 @@ def worker(rank: int, store: str, out_dir: str) -> None:
                    "seed": state.seed, "fresh_seed": fresh_seed, "at_resume": at_resume,
                    "secret_mode": stat.S_IMODE(os.stat(secret).st_mode),
                    "dcp_keys": sorted(dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata)}
+
+        torch._dynamo.reset()  # once more without the secret part: the ranks' fresh seeds disagree
+        net, model, opt, state = sharded(init_seed=2)
+        restored = app_state(net, opt, state)
+        dcp.load(restored, checkpoint_id=checkpoint)
+        set_state_dict(net, opt, model_state_dict=restored["model"], optim_state_dict=restored["optim"])
+        try:
+            train(model, opt, steps[2:3], rank)
+            refusal = None
+        except dpcompile.DPCompileError as e:
+            refusal = str(e)
+        resumed["without_secret"] = {"refusal": refusal, "steps": state.steps,
+                                     "grads": [p.grad is None for p in net.parameters()]}
         torch.save({"uninterrupted": uninterrupted, "resumed": resumed}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -109,3 +122,7 @@ def test_fsdp2_distributed_checkpoint_resumes_the_private_run_exactly(tmp_path):
         privacy_keys = [k for k in b["dcp_keys"] if k.startswith("privacy.")]
         assert "privacy.steps" in privacy_keys and not any("seed" in k for k in b["dcp_keys"])  # public part only
     assert results[0]["uninterrupted"]["params"][0].equal(results[1]["uninterrupted"]["params"][0])
+    for r in results:  # resumed without the secret part: refused on every rank, nothing released or counted
+        without = r["resumed"]["without_secret"]
+        assert without["refusal"] and "same checkpoint" in without["refusal"]
+        assert without["steps"] == 2 and all(without["grads"])
