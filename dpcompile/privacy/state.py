@@ -390,9 +390,9 @@ class PrivacyState:
         from .per_sample import clip_weights, noise_scales, privatize, weighted_sum, zero_rows
 
         opts = self.options
-        total = sum(sq for _, sq, _ in pending)  # (B,), or group-wise (K, B)
-        threshold = self.clip_group_table.threshold if total.dim() > 1 else opts.max_grad_norm
-        weights, norms = clip_weights(total, threshold, opts.loss_reduction, opts.clipping, opts.automatic_gamma)
+        total = sum(sq for _, sq, _ in pending)  # flat clipping (clip groups clip inside each graph)
+        weights, norms = clip_weights(total, opts.max_grad_norm, opts.loss_reduction, opts.clipping,
+                                      opts.automatic_gamma)
         self.check_norms(norms)
         device = total.device
         scalars = torch.tensor(graph_scalars(self), device=device)  # data-parallel: noise on one rank only
@@ -401,10 +401,9 @@ class PrivacyState:
         noises = iter(self._deferred_noise([ps[0].numel() for _, _, grads in ordered for ps in grads], device))
         for ctx, _, per_sample_grads in ordered:
             rows_of = ctx.plan.get("deferred_zero_rows", [[]] * len(per_sample_grads))
-            groups = ctx.plan.get("deferred_groups", [0] * len(per_sample_grads))
-            for position, ps, rows, k in zip(ctx.plan["deferred_positions"], per_sample_grads, rows_of, groups):
+            for position, ps, rows in zip(ctx.plan["deferred_positions"], per_sample_grads, rows_of):
                 param = ctx.params[position]
-                clipped = weighted_sum(weights[k] if weights.dim() > 1 else weights, ps)
+                clipped = weighted_sum(weights, ps)
                 grad = privatize(clipped, next(noises), 0, std).to(param.dtype)
                 if rows:  # padding rows: zero in every sample's gradient, so released without noise
                     grad = zero_rows(grad, rows)

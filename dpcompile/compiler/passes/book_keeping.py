@@ -122,8 +122,7 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
             packs[k] = (members, packed)
         total, threshold = _norms_by_group(graph, ctx, sq_norms)
         if ctx.deferred:
-            _defer(gm, ctx, grads, total, per_sample_grads)
-            ctx.plan["deferred_groups"] = [group(g) for g in grads]
+            _defer(gm, ctx, grads, total, per_sample_grads)  # flat clipping only (clip groups clip in each graph)
             return table
         clip = graph.call_function(per_sample.clip_weights, (
             total, threshold, ctx.options.loss_reduction, ctx.options.clipping, ctx.options.automatic_gamma))
@@ -161,7 +160,8 @@ def _norms_by_group(graph: fx.Graph, ctx: CompileContext, sq_norms: list[tuple[i
     """(per-sample squared norms, their clipping threshold): flat, the sum over every gradient,
     (B,), and R; group-wise, one sum per clip group, (K, B), and R/√K (`privacy.groups`)."""
     if not ctx.clip_groups:
-        return graph.call_function(per_sample.total_sq_norm, tuple(sq for _, sq in sq_norms)), ctx.options.max_grad_norm
+        total = graph.call_function(per_sample.total_sq_norm, tuple(sq for _, sq in sq_norms))
+        return total, ctx.options.max_grad_norm
     groups = sorted({k for k, _ in sq_norms})
     totals = [graph.call_function(per_sample.total_sq_norm, tuple(sq for j, sq in sq_norms if j == k))
               for k in groups]
