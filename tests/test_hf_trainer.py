@@ -163,9 +163,11 @@ def per_sequence_loss(model, ids, mask, labels):
     return F.cross_entropy(logits, labels[1:], ignore_index=-100)
 
 
-def test_one_step_clips_like_the_float64_oracle(tmp_path):
+@pytest.mark.parametrize("clip_groups", [None, "block"])
+def test_one_step_clips_like_the_float64_oracle(tmp_path, clip_groups):
     """Noise off, R = the median per-sample norm: p.grad at the optimizer step is
-    Σ_i min(1, R/‖g_i‖) g_i / E[B] over the drawn sequences, E[B] = q·N = 8."""
+    Σ_i min(1, R/‖g_i‖) g_i / E[B] over the drawn sequences, E[B] = q·N = 8. Group-wise
+    (clip_groups="block" through dp_options): the block and the rest each clipped to R/√2."""
     n = 16
     data = Sequences(n, seed=3)
     model = tiny_gpt2(seed=2)
@@ -180,8 +182,12 @@ def test_one_step_clips_like_the_float64_oracle(tmp_path):
         return grad(loss)(params)
 
     grads = [sample_grad(b) for b in range(n)]
-    norms = torch.stack([torch.cat([g.flatten() for g in row.values()]).norm() for row in grads])
-    R = float(norms.median())
+    in_block = [k for k in params if k.startswith("transformer.h.0.")]
+    groups = [list(params)] if clip_groups is None else [in_block, [k for k in params if k not in in_block]]
+    share = len(groups) ** -0.5  # each group's threshold is R/√K
+    norms = torch.stack([torch.stack([torch.cat([row[k].flatten() for k in names]).norm() for names in groups])
+                         for row in grads])  # (n, K)
+    R = float(norms.median()) / share
 
     seen: list[dict] = []  # the micro-batches of the step, as collated
 
@@ -199,15 +205,17 @@ def test_one_step_clips_like_the_float64_oracle(tmp_path):
     with pytest.warns(dpcompile.privacy.state.InsecureSeedWarning):  # a fixed draw: the test knows who is in it
         trainer = DPTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=data,
                             data_collator=recording_collate, noise_multiplier=0.0, max_grad_norm=R, dry_run=False,
-                            dp_options={"insecure_seed": 5}, callbacks=[Released()])
+                            dp_options={"insecure_seed": 5, **({"clip_groups": clip_groups} if clip_groups else {})},
+                            callbacks=[Released()])
     trainer.train()
     drawn = [int(i) for batch in seen for i in _rows_of(batch, examples)]
     assert len(seen) == 2 and len(drawn) >= 2  # two micro-batches of one Poisson draw
-    assert (norms[drawn] > R).any() and (norms[drawn] < R).any()  # some clipped, some not
-    factors = (R / norms[drawn]).clamp(max=1)
+    assert (norms[drawn] > R * share).any() and (norms[drawn] < R * share).any()  # some clipped, some not
+    factors = (R * share / norms[drawn]).clamp(max=1)  # (drawn, K)
+    group_of = {name: k for k, names in enumerate(groups) for name in names}
     scale = 0.0
     for name, p in model.named_parameters():
-        want = sum(f * grads[b][name] for f, b in zip(factors, drawn)) / 8
+        want = sum(f[group_of[name]] * grads[b][name] for f, b in zip(factors, drawn)) / 8
         scale = max(scale, float(want.abs().max()))
         released[name] = (released[name].double(), want)
     for name, (got, want) in released.items():
