@@ -330,7 +330,8 @@ class PrivacyState:
                     "(a graph break inside a group, or the model called twice before backward), so each graph would "
                     "clip its share of the group on its own. The gradients were discarded. Choose clip_groups so "
                     "that each group lies in one graph (e.g. 'layer', or patterns that follow the graph breaks; "
-                    "TORCH_LOGS=graph_breaks shows them), remove the graph break, or call the model once per backward")
+                    "TORCH_LOGS=graph_breaks shows them; a weight shared across a break needs flat clipping, which "
+                    "clips after the whole backward), remove the graph break, or call the model once per backward")
             raise DPCompileError(
                 "dpcompile: one backward pass ran several compiled graphs of this model that were each clipped on "
                 "their own (a graph break appeared after compilation, or the model was called twice before "
