@@ -49,6 +49,7 @@ from step_time import print_compile_phases, sync, time_steps, warm_compiler  # n
 MODES = ("eager", "compile", "dp", "opacus-ghost")
 # Also run on request (--modes): group-wise clipping, per transformer block / per layer (clip_groups).
 GROUP_MODES = {"dp-block": "block", "dp-layer": "layer"}
+DP_MODES = ("dp", *GROUP_MODES)  # the modes that compile with backend="dp"
 # Every row has every key; metrics are None where a mode failed (or, on CPU, for memory).
 FIELDS = ("workload", "mode", "model", "shape", "batch", "unit", "params_m", "trainable_m", "dtype", "ms",
           "items_per_s", "peak_gib", "resident_gib", "first_step_s", "throughput_vs_compile", "memory_vs_compile",
@@ -302,11 +303,11 @@ def run_mode(name: str, mode: str, args) -> dict:
         step()  # compiles, for the compiled modes
         sync(args.device)
         row["first_step_s"] = time.perf_counter() - t0
-        if args.compile_times and mode in ("compile", "dp", *GROUP_MODES):
+        if args.compile_times and mode in ("compile", *DP_MODES):
             print_compile_phases(mode)
         ms, peak, resident = time_steps(step, args)
         row.update(ms=ms, items_per_s=case.items / ms * 1e3, peak_gib=finite(peak), resident_gib=finite(resident))
-        if mode.startswith("dp"):  # proof that the dp graphs ran: noisy releases counted by the privacy state
+        if mode in DP_MODES:  # proof that the dp graphs ran: noisy releases counted by the privacy state
             import dpcompile
 
             row["private_steps"] = dpcompile.privacy_state(model).steps
@@ -328,8 +329,8 @@ def run_child(args) -> None:
     meta = {**workload_meta(name, args), "device": device, "torch": torch.__version__,
             "transformers": transformers.__version__}
     modes = args.modes.split(",")
-    if {"compile", "dp", *GROUP_MODES} & set(modes):  # compiler start-up out of the first mode's first step
-        warm_compiler(args.device, dp=any(m.startswith("dp") for m in modes))
+    if {"compile", *DP_MODES} & set(modes):  # compiler start-up out of the first mode's first step
+        warm_compiler(args.device, dp=bool(set(DP_MODES) & set(modes)))
     for mode in modes:
         torch._dynamo.reset()  # the last mode's graphs, model and optimizer state freed before this one
         gc.collect()

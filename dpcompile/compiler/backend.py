@@ -80,8 +80,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], state: PrivacySt
                          deferred=state.multi_graph and state.options.clip_groups is None)
     _classify_inputs(gm, example_inputs, ctx)
     ctx.clip_groups = state.clip_groups_of(ctx)
-    if ctx.clip_groups:
-        ctx.group_count, ctx.clip_threshold = len(state.clip_group_table), state.clip_group_table.threshold
+    ctx.group_table = state.clip_group_table
     recurrent.rewrite_calls(gm)
     ctx.length_plans = sum(1 for c in state.compiled if c.noise_key == ctx.noise_key and c.plan.get("size_guards"))
     if HOOKS.keep_graphs:  # export maps the graph inputs back to parameters and user inputs

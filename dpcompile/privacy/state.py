@@ -300,12 +300,13 @@ class PrivacyState:
             return {}
         module = self.compiled_module()
         root = getattr(module, "_orig_mod", module)
-        named = {id(p): name for name, p in root.named_parameters()} if root is not None else {}
+        model = list(root.named_parameters()) if root is not None else []
+        named = {id(p): name for name, p in model}
         names = {i: named.get(id(p), ctx.param_names.get(i, f"input #{i}")) for i, p in ctx.params.items()
                  if p.requires_grad}
         if self.clip_group_table is None:
-            model = [name for name, p in root.named_parameters() if p.requires_grad] if root is not None else []
-            self.clip_group_table = GroupTable(model or names.values(), spec, self.options.max_grad_norm)
+            trainable = [name for name, p in model if p.requires_grad]
+            self.clip_group_table = GroupTable(trainable or names.values(), spec, self.options.max_grad_norm)
         return self.clip_group_table.ids(names)
 
     def defer(self, ctx: Any, sq_norms: torch.Tensor, per_sample_grads: list[torch.Tensor]) -> None:
@@ -320,7 +321,7 @@ class PrivacyState:
         if len(norms) > 1:  # graphs that clip their own groups: each sample's norm over all of them
             self.last_sample_norms = torch.stack([n.float() for n in norms]).pow(2).sum(0).sqrt()
         spanning = self._groups_in_several_graphs(runs) if len(runs) > 1 else []
-        if len(runs) > 1 and not all(c.deferred for c in runs) and spanning != []:
+        if spanning != []:  # several graphs, and not each clipping whole groups of its own
             for c in runs:
                 for p in c.params.values():
                     p.grad = None
@@ -348,9 +349,12 @@ class PrivacyState:
             self.record_release()
 
     def _groups_in_several_graphs(self, runs: list[Any]) -> list[str] | None:
-        """Graph breaks with clip groups: the groups seen by more than one graph of this backward
-        ([] if none: each graph clipped whole groups), None if these graphs do not clip by groups."""
-        if self.clip_group_table is None or any(c.deferred for c in runs):
+        """Several graphs ran in one backward: [] when that is sound (flat clipping deferred to the end
+        of the backward, or clip groups each held by one graph), the groups found in more than one
+        graph otherwise, None when these graphs clipped on their own without groups."""
+        if all(c.deferred for c in runs):
+            return []
+        if self.clip_group_table is None:
             return None
         seen, spanning = set(), set()
         for c in runs:

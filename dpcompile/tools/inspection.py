@@ -355,7 +355,8 @@ class Report:
         if opts.clipping == "automatic":
             summary["automatic_gamma"] = opts.automatic_gamma
         if opts.clip_groups is not None:
-            k, threshold = max(((c.group_count, c.clip_threshold) for c in self.contexts), default=(0, 0.0))
+            table = next((c.group_table for c in self.contexts if c.group_table is not None), None)
+            k, threshold = (len(table), table.threshold) if table is not None else (0, 0.0)
             summary["clipped_per"] = (f"sample and clip group ({opts.clip_groups!r}: {k} groups, each clipped to "
                                       f"R/√K = {threshold:.4g}; Σ_k (R/√K)² = R²)")
             summary["graph_break_release"] = "each graph clips and noises its own clip groups (none may span two)"

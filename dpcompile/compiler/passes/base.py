@@ -48,8 +48,7 @@ class CompileContext:
     multi_graph: bool = False  # the model is split by graph breaks
     deferred: bool = False  # graph-break mode: clip and noise after the whole backward
     clip_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # input -> clip group ({}: flat)
-    group_count: int = 0  # K, the model's number of clip groups (privacy.groups)
-    clip_threshold: float = 0.0  # each group's threshold R/√K
+    group_table: Any = None  # with clip groups: the model's privacy.groups.GroupTable (K, R/√K)
     params: dict[int, Any] = dataclasses.field(default_factory=dict)  # forward input index -> Parameter
     runtime_inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # extra backward inputs: shape
     runtime_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)  # if not float32

@@ -71,7 +71,8 @@ def rewrite(gm: fx.GraphModule, ctx: CompileContext) -> list[dict]:
     table, sq_norms, finishers, per_sample_grads, small = [], [], [], [], []
     expanders = ctx.plan["lsg_expand"] = {}  # position -> reduced clipped sum -> parameter gradient
     chosen = []  # (costs, strategy asked, strategy chosen) of the cost model's choices
-    ctx.plan["graph_nodes"] = set(graph.nodes)  # before the dp nodes (passes/schedule.py)
+    if ctx.clip_groups:  # the backward's own nodes, which passes/schedule.py leaves in order
+        ctx.plan["graph_nodes"] = set(graph.nodes)
 
     def group(g: ParamGrad) -> int:
         return ctx.clip_groups.get(g.position, 0)
@@ -165,7 +166,8 @@ def _norms_by_group(graph: fx.Graph, ctx: CompileContext, sq_norms: list[tuple[i
     groups = sorted({k for k, _ in sq_norms})
     totals = [graph.call_function(per_sample.total_sq_norm, tuple(sq for j, sq in sq_norms if j == k))
               for k in groups]
-    return graph.call_function(per_sample.stack_groups, (ctx.group_count, groups, *totals)), ctx.clip_threshold
+    table = ctx.group_table
+    return graph.call_function(per_sample.stack_groups, (len(table), groups, *totals)), table.threshold
 
 
 def _defer(gm: fx.GraphModule, ctx: CompileContext, grads: list[ParamGrad], total: fx.Node,

@@ -25,8 +25,8 @@ def run(gm: fx.GraphModule, ctx: CompileContext):
 
 
 def schedule_early(gm: fx.GraphModule, ctx: CompileContext) -> list[str]:
-    original = ctx.plan.pop("graph_nodes", None)
-    if not ctx.clip_groups or ctx.deferred or original is None:
+    original = ctx.plan.pop("graph_nodes", None)  # set by book_keeping for clip groups only
+    if original is None:
         return []
     graph = gm.graph
     fixed = [n for n in graph.nodes if n in original or n.op in ("placeholder", "output")]
