@@ -1,6 +1,8 @@
 """Small models covering every layer kind the passes support, and the float64 oracle."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -159,3 +161,23 @@ def _double_copy(model):
     import copy
 
     return copy.deepcopy(model).double()
+
+
+# The oracle tests run on a GPU with DPCOMPILE_TEST_DEVICE=cuda (float32 matmuls: TF32 off there).
+DEVICE = os.environ.get("DPCOMPILE_TEST_DEVICE", "cpu")
+
+
+def fresh_seed() -> int:
+    """A seed never used before (printed by failing tests, so a failure can be replayed)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())))
+
+
+def compiled_clipped_sum(model, x, y, reduction="mean", **options):
+    """p.grad after one private backward with noise off, rescaled to the clipped sum Σ C_i g_i."""
+    options = {"noise_multiplier": 0.0, "loss_reduction": reduction, **options}
+    model.to(DEVICE)
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    compiled = torch.compile(model, backend="dp", options=options)
+    model.zero_grad(set_to_none=True)
+    batch_loss(compiled(x), y, reduction).backward()
+    return {k: p.grad.double().cpu() * x.shape[0] for k, p in model.named_parameters() if p.grad is not None}

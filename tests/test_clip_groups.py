@@ -6,7 +6,6 @@ are not."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -15,15 +14,10 @@ import dpcompile
 from dpcompile.errors import DPCompileError
 from dpcompile.options import DPOptions
 from dpcompile.privacy.groups import OUTSIDE, GroupTable, group_key
-from models import CNN, MLP, BreakNet, TinyGPT, batch_loss, per_sample_grads
+from models import CNN, MLP, BreakNet, TinyGPT, batch_loss, compiled_clipped_sum, fresh_seed, per_sample_grads
 
-DEVICE = os.environ.get("DPCOMPILE_TEST_DEVICE", "cpu")
 TOL = 1e-5
 torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())))
 
 
 def oracle(model, x, y, groups: list[list[str]]):
@@ -43,15 +37,6 @@ def oracle_sum(grads, norms, groups, R):
 def threshold_between(norms) -> float:
     """R such that R/√K is the median group norm: some groups of some samples clipped, others not."""
     return float(norms.median()) * math.sqrt(norms.shape[0])
-
-
-def private_sum(model, x, y, **options):
-    """p.grad after one backward with noise off, times B (the clipped sum)."""
-    model.to(DEVICE)
-    compiled = torch.compile(model, backend="dp", options={"noise_multiplier": 0.0, **options})
-    model.zero_grad(set_to_none=True)
-    batch_loss(compiled(x.to(DEVICE)), y.to(DEVICE)).backward()
-    return {k: p.grad.double().cpu() * x.shape[0] for k, p in model.named_parameters() if p.grad is not None}
 
 
 def check(got, want, seed):
@@ -93,7 +78,7 @@ def test_each_group_is_clipped_to_its_share_of_R(case, strategy):
     R = threshold_between(norms)
     share = R / math.sqrt(len(groups))
     assert (norms > share * 1.01).any() and (norms < share * 0.99).any()  # both kinds of groups occur
-    got = private_sum(model, x, y, max_grad_norm=R, clip_groups=spec, strategy=strategy)
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=R, clip_groups=spec, strategy=strategy)
     check(got, oracle_sum(grads, norms, groups, R), seed)
     state = dpcompile.privacy_state(model)
     assert len(state.clip_group_table) == len(groups)
@@ -112,7 +97,7 @@ def test_graph_breaks_let_each_graph_clip_its_own_groups():
     groups = [["emb.weight"], ["fc1.weight", "fc1.bias"], ["fc2.weight", "fc2.bias"]]  # emb.*, fc1.*, the rest
     grads, norms = oracle(model, x, y, groups)
     R = threshold_between(norms)
-    got = private_sum(model, x, y, max_grad_norm=R, clip_groups=["emb.*", "fc1.*"])
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=R, clip_groups=["emb.*", "fc1.*"])
     check(got, oracle_sum(grads, norms, groups, R), seed)
     state = dpcompile.privacy_state(model)
     assert len(state.compiled) == 2 and not any(c.deferred for c in state.compiled) and state.steps == 1
@@ -141,7 +126,7 @@ def test_graph_breaks_with_groups_keep_noise_once_per_parameter():
     groups = [["emb.weight"], ["fc1.weight", "fc1.bias"], ["fc2.weight", "fc2.bias"]]
     grads, norms = oracle(model, x, y, groups)
     R, sigma, E = 0.3, 2.0, 8.0
-    got = private_sum(model, x, y, max_grad_norm=R, clip_groups=["emb.*", "fc1.*"], noise_multiplier=sigma,
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=R, clip_groups=["emb.*", "fc1.*"], noise_multiplier=sigma,
                       expected_batch_size=E)
     want = oracle_sum(grads, norms, groups, R)
     noise = torch.cat([(got[n] / x.shape[0] * E - want[n]).flatten() for n in want])
@@ -155,7 +140,7 @@ def test_noise_std_stays_sigma_R_over_the_divisor():
     groups = by_layer(model)
     grads, norms = oracle(model, x, y, groups)
     R, sigma, E = 0.5, 3.0, 20.0
-    got = private_sum(model, x, y, max_grad_norm=R, clip_groups="layer", noise_multiplier=sigma,
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=R, clip_groups="layer", noise_multiplier=sigma,
                       expected_batch_size=E)
     want = oracle_sum(grads, norms, groups, R)
     noise = torch.cat([(got[n] / x.shape[0] * E - want[n]).flatten() for n in want])  # p.grad = (Σ + σR z)/E
@@ -187,7 +172,7 @@ def test_a_graph_of_part_of_the_model_counts_the_groups_of_the_whole_model():
 
     model, (x, y) = Partial(), MLP.batch(8)
     R = 1e-3  # every sample clipped: its fc1 gradient has norm R/√3
-    got = private_sum(model, x, y, max_grad_norm=R, clip_groups="layer", loss_reduction="mean")
+    got = compiled_clipped_sum(model, x, y, max_grad_norm=R, clip_groups="layer")
     assert len(dpcompile.privacy_state(model).clip_group_table) == 3
     total = torch.cat([got["fc1.weight"].flatten(), got["fc1.bias"].flatten()]).norm()
     assert total <= x.shape[0] * R / math.sqrt(3) * (1 + 1e-4)

@@ -1,7 +1,6 @@
 """Compiled clipped sums against the float64 torch.func oracle, on fresh random inputs."""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -9,28 +8,12 @@ import torch
 
 import dpcompile
 from dpcompile.tools.inspection import report_of
-from models import CNN, MLP, BreakNet, Conv1dNet, TinyGPT, batch_loss, oracle_clipped_sum
+from models import (CNN, DEVICE, MLP, BreakNet, Conv1dNet, TinyGPT, batch_loss, compiled_clipped_sum, fresh_seed,
+                    oracle_clipped_sum)
 
 TOL = 1e-5
-# The same tests run on a GPU with DPCOMPILE_TEST_DEVICE=cuda (float32 matmuls: TF32 off).
-DEVICE = os.environ.get("DPCOMPILE_TEST_DEVICE", "cpu")
-torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False  # DEVICE=cuda: float32 matmuls as float32
 torch.backends.cudnn.allow_tf32 = False
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())))
-
-
-def compiled_clipped_sum(model, x, y, reduction="mean", **options):
-    """p.grad after one private backward with noise off, rescaled to the clipped sum Σ C_i g_i."""
-    options = {"noise_multiplier": 0.0, "loss_reduction": reduction, **options}
-    model.to(DEVICE)
-    x, y = x.to(DEVICE), y.to(DEVICE)
-    compiled = torch.compile(model, backend="dp", options=options)
-    model.zero_grad(set_to_none=True)
-    batch_loss(compiled(x), y, reduction).backward()
-    return {k: p.grad.double().cpu() * x.shape[0] for k, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_close(got, want, seed):

@@ -13,11 +13,7 @@ import torch.nn.functional as F
 import dpcompile
 from dpcompile.nn import (ReAttention, ReAttentionBlock, effective_error_variance, layer_norm_variance,
                           linear_variance, reattention_sdpa, relu_moments)
-from models import batch_loss, oracle_clipped_sum
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())))
+from models import batch_loss, fresh_seed, oracle_clipped_sum
 
 
 def direct_reattention(q, k, v, var, mask=None):
